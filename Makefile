@@ -1,0 +1,32 @@
+# `make compare` runs the main job (the variant comparison), `make test` the test suite.
+# Both create the virtual environment in .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PRESET ?= cpu
+WORKDIR ?= runs/compare
+
+$(BIN)/python: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/python
+
+.PHONY: venv test test-fast lint compare train clean
+venv: $(BIN)/python
+
+test: $(BIN)/python
+	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/python
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(BIN)/python
+	$(BIN)/ruff check .
+
+compare: $(BIN)/python
+	$(BIN)/python train.py --config=configs/compare.py:$(PRESET) --workdir=$(WORKDIR)
+	$(BIN)/python eval.py --workdir=$(WORKDIR)
+
+train: $(BIN)/python
+	$(BIN)/python train.py --config=configs/base.py --workdir=runs/base

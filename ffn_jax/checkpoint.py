@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the train state, run metadata and the data iterator.
+
+A checkpoint holds three items: ``state`` (model + optimiser, as a pure dict of arrays,
+PRNG keys stored as their raw key data), ``meta`` (JSON: step, tokens seen, ...) and
+``data`` (the grain iterator state, one file per process). Restoring tries the newest
+step first and falls back to older ones if a checkpoint is corrupt or partial.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_saveable(state: nnx.State) -> dict:
+    """A pure dict of ``state`` with PRNG key arrays replaced by their ``key_data``."""
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x) if _is_key(x) else x, nnx.to_pure_dict(state)
+    )
+
+
+def abstract_saveable(state: nnx.State) -> dict:
+    """The ShapeDtypeStruct tree (with shardings) that ``to_saveable(state)`` would produce."""
+
+    def one(x):
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_key_sharding(x))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, nnx.to_pure_dict(state))
+
+
+def _key_sharding(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (x.ndim + 1 - len(sharding.spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
+
+
+def from_saveable(state: nnx.State, saved: dict) -> nnx.State:
+    """Write the restored pure dict ``saved`` back into ``state`` (re-wrapping PRNG keys)."""
+    template = nnx.to_pure_dict(state)
+    values = jax.tree.map(
+        lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
+        template, saved,
+    )
+    nnx.replace_by_pure_dict(state, values)
+    return state
+
+
+class Checkpointer:
+    """Saves every ``every`` steps (and when forced), keeps the last ``keep``, asynchronously."""
+
+    def __init__(self, workdir: str, every: int, keep: int):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, every), max_to_keep=max(1, keep),
+            enable_async_checkpointing=True, create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: nnx.State, meta: dict, data_iter=None, force=False) -> bool:
+        """Save (asynchronously) if ``step`` is due or ``force``; True if a save started."""
+        items = {
+            "state": ocp.args.StandardSave(to_saveable(state)),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, state: nnx.State, data_iter=None, step: int | None = None):
+        """Restore into ``state`` (shapes/shardings taken from it) and ``data_iter``.
+
+        Returns ``(state, meta, step)``, or None when there is no checkpoint. Without an
+        explicit ``step``, a checkpoint that fails to restore is skipped with a warning and
+        the next older one is tried; if all fail, raises RuntimeError.
+        """
+        candidates = [step] if step is not None else list(reversed(self.steps()))
+        if not candidates:
+            return None
+        errors = []
+        for s in candidates:
+            items = {
+                "state": ocp.args.StandardRestore(abstract_saveable(state)),
+                "meta": ocp.args.JsonRestore(),
+            }
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                log.warning("checkpoint step %d in %s could not be restored (%s: %s); "
+                            "trying an older one", s, self.directory, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                errors.append(f"step {s}: {type(e).__name__}")
+                continue
+            return from_saveable(state, out["state"]), dict(out["meta"]), s
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
+            "delete the directory or point --workdir elsewhere"
+        )
+
+    def wait(self) -> None:
+        """Block until asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def host_scalar(x) -> float:
+    """A device scalar as a python float (one host sync)."""
+    return float(np.asarray(jax.device_get(x)))

@@ -1,0 +1,220 @@
+"""The FFN variant registry, the dense FFN module and the parameter-matching rule.
+
+Every variant is one row of ``VARIANTS`` (data, not an if-chain):
+
+    ungated:  FFN(x) = act(x W1 + b1) W2 + b2
+    gated:    FFN(x) = (act(x W1 + b1) * (x W3 + b3)) W2 + b2     (W3 is the linear gate half)
+
+Parameter names follow LLaMA: ``w1`` (d_model -> d_ff), ``w3`` (gate, gated only),
+``w2`` (d_ff -> d_model); biases ``b1``/``b3``/``b2`` are optional; kernels are ``(in, out)``.
+
+Parameter matching: an ungated variant gets ``d_ff = multiplier * d_model`` and a gated one
+(three matrices instead of two) ``2/3`` of that, both rounded to the nearest multiple of
+``multiple_of``, so every variant has (almost) the same parameters and FLOPs per token.
+``ffn_cost`` reports both so matched comparisons are checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ffn_jax.sharding import constrain, param
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def _squared_relu(x: jax.Array) -> jax.Array:
+    return jnp.square(jax.nn.relu(x))
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One FFN variant: its activation and whether it is gated (has the ``w3`` half)."""
+
+    name: str
+    activation: Activation
+    gated: bool
+    description: str
+
+
+_ROWS = (
+    Variant("relu", jax.nn.relu, False, "ReLU (Vaswani et al. 2017)"),
+    Variant("gelu", _gelu_exact, False, "GELU, exact erf form"),
+    Variant("gelu_tanh", _gelu_tanh, False, "GELU, tanh approximation (GPT-2/BERT)"),
+    Variant("swish", jax.nn.silu, False, "Swish / SiLU, x * sigmoid(x)"),
+    Variant("silu", jax.nn.silu, False, "alias of swish"),
+    Variant("squared_relu", _squared_relu, False, "relu(x)^2 (Primer, So et al. 2021)"),
+    Variant("glu", jax.nn.sigmoid, True, "GLU, sigmoid gate (Dauphin et al. 2017)"),
+    Variant("bilinear", _identity, True, "Bilinear, no activation"),
+    Variant("reglu", jax.nn.relu, True, "ReGLU, relu gate"),
+    Variant("geglu", _gelu_exact, True, "GEGLU, exact GELU gate"),
+    Variant("geglu_tanh", _gelu_tanh, True, "GEGLU, tanh-GELU gate"),
+    Variant("swiglu", jax.nn.silu, True, "SwiGLU, swish gate (PaLM, LLaMA)"),
+)
+VARIANTS: dict[str, Variant] = {v.name: v for v in _ROWS}
+
+
+def get_variant(name: str) -> Variant:
+    """The registry row for ``name``; ValueError listing the valid names otherwise."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown FFN variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def matched_d_ff(variant: str, d_model: int, multiplier: float = 4.0, multiple_of: int = 8) -> int:
+    """Hidden width that matches parameters across variants.
+
+    ``multiplier * d_model`` for ungated variants, ``2/3`` of it for gated ones, rounded to
+    the nearest multiple of ``multiple_of`` (at least one multiple).
+    """
+    if multiple_of < 1:
+        raise ValueError(f"model.ffn_multiple_of={multiple_of} must be >= 1")
+    width = multiplier * d_model * (2.0 / 3.0 if get_variant(variant).gated else 1.0)
+    return max(multiple_of, int(round(width / multiple_of)) * multiple_of)
+
+
+def ffn_cost(variant: str, d_model: int, d_ff: int, use_bias: bool = False) -> dict[str, int]:
+    """Parameters and forward FLOPs per token of one FFN.
+
+    FLOPs count the matmuls (2 per multiply-add) plus one FLOP per hidden unit for the
+    activation and, for gated variants, one for the gating product. Biases add one FLOP each.
+    """
+    gated = get_variant(variant).gated
+    n_mats = 3 if gated else 2
+    params = n_mats * d_model * d_ff
+    flops = 2 * params + d_ff * (2 if gated else 1)
+    if use_bias:
+        n_bias = (2 if gated else 1) * d_ff + d_model
+        params += n_bias
+        flops += n_bias
+    return {"params": params, "flops_per_token": flops}
+
+
+def kernel_init(fan_in: int, scale: float = 1.0):
+    """Truncated-normal init with std ``scale / sqrt(fan_in)``."""
+    return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+
+
+class FFN(nnx.Module):
+    """A dense FFN of any registry variant. ``x: (..., d_model) -> (..., d_model)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        variant: str,
+        *,
+        use_bias: bool = False,
+        dropout: float = 0.0,
+        dtype: jnp.dtype = jnp.float32,
+        out_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        self.variant = get_variant(variant)
+        self.dtype = dtype
+        init_in = param(kernel_init(d_model), ("embed", "mlp"))
+        init_out = param(kernel_init(d_ff, out_scale), ("mlp", "embed"))
+        self.w1 = nnx.Param(init_in(rngs.params(), (d_model, d_ff)))
+        self.w3 = nnx.Param(init_in(rngs.params(), (d_model, d_ff))) if self.variant.gated else None
+        self.w2 = nnx.Param(init_out(rngs.params(), (d_ff, d_model)))
+        zeros_h = param(nnx.initializers.zeros_init(), ("mlp",))
+        zeros_d = param(nnx.initializers.zeros_init(), ("embed",))
+        self.b1 = nnx.Param(zeros_h(rngs.params(), (d_ff,))) if use_bias else None
+        self.b3 = (
+            nnx.Param(zeros_h(rngs.params(), (d_ff,))) if use_bias and self.variant.gated else None
+        )
+        self.b2 = nnx.Param(zeros_d(rngs.params(), (d_model,))) if use_bias else None
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """The hidden activations ``(..., d_ff)`` (the gated product for gated variants)."""
+        x = x.astype(self.dtype)
+        h = x @ self.w1[...].astype(self.dtype)
+        if self.b1 is not None:
+            h = h + self.b1[...].astype(self.dtype)
+        h = self.variant.activation(h)
+        if self.w3 is not None:
+            g = x @ self.w3[...].astype(self.dtype)
+            if self.b3 is not None:
+                g = g + self.b3[...].astype(self.dtype)
+            h = h * g
+        if h.ndim == 3:
+            h = constrain(h, ("batch", "length", "act_mlp"))
+        return h
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.hidden(x)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        y = h @ self.w2[...].astype(self.dtype)
+        if self.b2 is not None:
+            y = y + self.b2[...].astype(self.dtype)
+        return y
+
+
+def build_ffn(
+    variant: str,
+    d_model: int,
+    *,
+    d_ff: int | None = None,
+    multiplier: float = 4.0,
+    multiple_of: int = 8,
+    use_bias: bool = False,
+    dropout: float = 0.0,
+    dtype: jnp.dtype = jnp.float32,
+    out_scale: float = 1.0,
+    rngs: nnx.Rngs,
+) -> FFN:
+    """The single way to build an FFN: ``d_ff`` defaults to the parameter-matched width."""
+    if d_ff is None:
+        d_ff = matched_d_ff(variant, d_model, multiplier, multiple_of)
+    return FFN(
+        d_model, d_ff, variant, use_bias=use_bias, dropout=dropout, dtype=dtype,
+        out_scale=out_scale, rngs=rngs,
+    )
+
+
+def cost_table(d_model: int, multiplier: float = 4.0, multiple_of: int = 8) -> list[dict]:
+    """One row per variant at matched width: name, gated, d_ff, params, FLOPs/token, ratio."""
+    base = ffn_cost("relu", d_model, matched_d_ff("relu", d_model, multiplier, multiple_of))
+    rows = []
+    for name, v in VARIANTS.items():
+        d_ff = matched_d_ff(name, d_model, multiplier, multiple_of)
+        c = ffn_cost(name, d_model, d_ff)
+        rows.append(
+            {"variant": name, "gated": v.gated, "d_ff": d_ff, **c,
+             "params_vs_relu": c["params"] / base["params"]}
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Parameters and FLOPs/token of every FFN variant.")
+    ap.add_argument("--d_model", type=int, default=512)
+    ap.add_argument("--multiplier", type=float, default=4.0)
+    ap.add_argument("--multiple_of", type=int, default=8)
+    a = ap.parse_args()
+    print("| variant | gated | d_ff | params | FLOPs/token | params vs relu |")
+    print("|---|---|---|---|---|---|")
+    for r in cost_table(a.d_model, a.multiplier, a.multiple_of):
+        print(f"| {r['variant']} | {r['gated']} | {r['d_ff']} | {r['params']:,} | "
+              f"{r['flops_per_token']:,} | {r['params_vs_relu']:.4f} |")

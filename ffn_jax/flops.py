@@ -1,0 +1,97 @@
+"""Model FLOPs per token (the MFU numerator) and the machine's peak (the denominator).
+
+Training FLOPs per token = 3 x forward (backward = 2 x forward), with forward =
+  per layer: 2 x attention-projection params  (q, k, v, o matmuls)
+           + 4 x seq_len x n_heads x head_dim (QK^T and AV over the full window, the
+             PaLM-paper convention: causal masking is not subtracted)
+           + the FFN's forward FLOPs (ffn.ffn_cost; active FLOPs for MoE layers)
+  + 2 x d_model x vocab (the output projection). Norms, rotary and softmax are ignored.
+MFU = FLOPs/token x tokens/s / peak FLOP/s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ffn_jax import ffn as ffn_lib
+from ffn_jax.model import dense_d_ff, is_moe_layer
+
+# Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s), by device_kind substring.
+DATASHEET_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+def flops_per_token(model_cfg, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (``train``) and its parts, for ``config.model``."""
+    m = model_cfg
+    h = m.d_model // m.n_heads
+    attn_params = m.d_model * h * (2 * m.n_heads + 2 * m.n_kv_heads)
+    attn = 2 * attn_params + 4 * seq_len * m.n_heads * h
+    d_ff = dense_d_ff(m)
+    ffn_total = 0.0
+    for layer in range(m.n_layers):
+        if is_moe_layer(layer, m):
+            from ffn_jax.moe import moe_cost
+
+            ffn_total += moe_cost(m.moe, m.ffn, m.d_model, d_ff)["flops_per_token"]
+        else:
+            ffn_total += ffn_lib.ffn_cost(m.ffn, m.d_model, d_ff, m.ffn_bias)["flops_per_token"]
+    forward = m.n_layers * attn + ffn_total + 2 * m.d_model * m.vocab_size
+    return {
+        "train": 3.0 * forward,
+        "forward": float(forward),
+        "attention_forward": float(m.n_layers * attn),
+        "ffn_forward": float(ffn_total),
+    }
+
+
+def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10) -> float:
+    """Measured matmul throughput (FLOP/s) of the default device for ``dtype``.
+
+    The best of ``reps`` timed ``n x n`` matmuls, after a warm-up; ``n`` defaults to 1024 on
+    CPU and 8192 on accelerators.
+    """
+    dev = jax.devices()[0]
+    n = n or (1024 if dev.platform == "cpu" else 8192)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def datasheet_peak(device: jax.Device | None = None) -> float | None:
+    """The vendor's dense bf16 peak for ``device`` (None if unknown, e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key, peak in DATASHEET_PEAK_BF16.items():
+        if key.lower() in kind.lower():
+            return peak
+    return None
+
+
+def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
+    """Peak FLOP/s per device for MFU and where it came from.
+
+    CPU: the measured float32 matmul throughput. Accelerators: the datasheet bf16 peak when
+    known, else the measured throughput in the compute dtype.
+    """
+    dev = jax.devices()[0]
+    if dev.platform != "cpu" and (peak := datasheet_peak(dev)):
+        return peak, f"datasheet bf16 ({dev.device_kind})"
+    dtype = jnp.bfloat16 if compute_dtype == "bfloat16" and dev.platform != "cpu" else jnp.float32
+    return measure_matmul_peak(dtype), f"measured {jnp.dtype(dtype).name} matmul ({dev.platform})"

@@ -1,0 +1,289 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One jitted functional train step (``nnx.split``/``merge``, donated state, explicit in/out
+shardings on the config's mesh); the host syncs only when metrics are logged or a
+checkpoint is due. Checkpoints (orbax) hold model, optimiser, dropout RNG state, the step
+and the data iterator, so a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from ml_collections import ConfigDict
+
+from ffn_jax import data as data_lib
+from ffn_jax import sharding
+from ffn_jax.checkpoint import Checkpointer
+from ffn_jax.configuration import (
+    ConfigError,
+    check_sharded_dims,
+    check_workdir,
+    validate_config,
+    write_config,
+)
+from ffn_jax.evaluate import evaluate_split, make_eval_step
+from ffn_jax.flops import flops_per_token, peak_flops
+from ffn_jax.metrics import MetricWriter, progress_bar
+from ffn_jax.model import LM, count_params
+from ffn_jax.optim import make_optimizer, make_schedule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything a run needs on device: the mesh, the split model+optimiser, shardings."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    state_shardings: nnx.State
+    batch_sharding: NamedSharding
+    n_params: int
+
+
+def build_run_state(config: ConfigDict, mesh: jax.sharding.Mesh | None = None) -> RunState:
+    """Create the sharded model and optimiser for ``config`` (vocab_size must be set)."""
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.mesh)
+    tx = make_optimizer(config.train)
+
+    def build():
+        model = LM(config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        model, opt = sharding.create_sharded(build, mesh, rules)
+    graphdef, state = nnx.split((model, opt))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules))
+    return RunState(mesh, rules, graphdef, state, shardings, batch_sharding, count_params(model))
+
+
+def _loss(model: LM, tokens_bt: jax.Array, t: ConfigDict, moe_cfg) -> tuple[jax.Array, dict]:
+    """Mean next-token NLL + optional logits z-loss + MoE auxiliary losses."""
+    logits, aux = model(tokens_bt[:, :-1])
+    targets = tokens_bt[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    nll = jnp.mean(logz - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+    loss, metrics = nll, {"nll": nll}
+    if t.logits_z_loss > 0:
+        z = jnp.mean(jnp.square(logz))
+        loss = loss + t.logits_z_loss * z
+        metrics["logits_z_loss"] = z
+    if aux:
+        from ffn_jax.moe import moe_aux_loss
+
+        moe_loss = moe_aux_loss(aux, moe_cfg)
+        loss = loss + moe_loss
+        metrics["moe_aux_loss"] = moe_loss
+        metrics.update({f"moe/{k}": v for k, v in aux.items()})  # per layer (stacked)
+    return loss, metrics
+
+
+def make_train_step(graphdef: nnx.GraphDef, config: ConfigDict):
+    """``step(state, tokens (B, T+1)) -> (state, metrics)``, pure; jit it with shardings."""
+    t, moe_cfg, accum = config.train, config.model.moe, config.train.grad_accum
+
+    def step(state: nnx.State, tokens: jax.Array):
+        model, opt = nnx.merge(graphdef, state)
+        model.train()
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params, rest, tok):
+            m = nnx.merge(gdef, params, rest)
+            loss, metrics = _loss(m, tok, t, moe_cfg)
+            return loss, (metrics, nnx.state(m, nnx.Not(nnx.Param)))
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (loss, (metrics, rest)), grads = grad_fn(params, rest, tokens)
+        else:
+            micro = tokens.reshape(accum, tokens.shape[0] // accum, tokens.shape[1])
+
+            def body(carry, tok):
+                g_sum, rest = carry
+                (loss, (metrics, rest)), g = grad_fn(params, rest, tok)
+                return (jax.tree.map(jnp.add, g_sum, g), rest), (loss, metrics)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, rest), (losses, metrics) = jax.lax.scan(body, (zeros, rest), micro)
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, metrics = losses.mean(), jax.tree.map(lambda m: m.mean(0), metrics)
+        nnx.update(model, rest)
+        opt.update(model, grads)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        return nnx.state((model, opt)), metrics
+
+    return step
+
+
+def _summarise(window: list[dict]) -> dict:
+    """Mean over the logged window of per-step metrics (already on host)."""
+    out = {}
+    for k in window[0]:
+        v = np.mean(np.stack([np.asarray(w[k]) for w in window]), axis=0)
+        out[k] = float(v) if np.ndim(v) == 0 else v.tolist()
+    return out
+
+
+class _Preemption:
+    """Turns SIGTERM / SIGINT into a flag the loop checks once per step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
+    """Train ``config`` into ``workdir`` (resuming if it holds a compatible run).
+
+    Returns the final metrics (last training window and validation results).
+    """
+    problems = validate_config(config)
+    if problems:
+        raise ConfigError(problems)
+    config = check_workdir(config, workdir)
+    prep = data_lib.prepare(config.data, workdir)
+    config = ConfigDict(config.to_dict())  # unlocked copy with the derived fields filled
+    config.model.vocab_size = prep.tokenizer.vocab_size
+    check_sharded_dims(config, sharding.make_mesh(config.mesh))
+    write_config(config, workdir)
+
+    rs = build_run_state(config)
+    t = config.train
+    writer = MetricWriter(workdir)
+    ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    train_iter = data_lib.train_iterator(
+        prep.splits["train"], seq_len=config.data.seq_len, global_batch=config.data.batch_size,
+        seed=config.seed, process_index=pindex, process_count=pcount,
+        num_workers=config.data.num_workers,
+    )
+    state, step, tokens_seen = rs.state, 0, 0
+    restored = ckpt.restore(state, train_iter) if t.resume else None
+    if restored is not None:
+        state, meta, step = restored
+        tokens_seen = meta["tokens_seen"]
+        log.info("resumed %s from step %d", workdir, step)
+
+    with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
+        jitted = jax.jit(
+            make_train_step(rs.graphdef, config),
+            in_shardings=(rs.state_shardings, rs.batch_sharding),
+            out_shardings=(rs.state_shardings, None), donate_argnums=0,
+        )
+        batch_shape = (config.data.batch_size, config.data.seq_len + 1)
+        abstract_batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rs.batch_sharding)
+        t0 = time.perf_counter()
+        train_step = jitted.lower(state, abstract_batch).compile()
+        compile_s = time.perf_counter() - t0
+        eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
+
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    fpt = flops_per_token(config.model, config.data.seq_len)["train"]
+    peak, peak_source = peak_flops(config.model.dtype)
+    peak_total = peak * jax.device_count()
+    summary = {
+        "n_params": rs.n_params, "flops_per_token": fpt, "compile_s": compile_s,
+        "peak_flops_per_device": peak, "peak_source": peak_source,
+        "devices": jax.device_count(), "mesh": dict(rs.mesh.shape),
+    }
+    log.info("run %s: %s", config.name, json.dumps(summary))
+    if step == 0:
+        writer.write(0, {"event": "start", **summary})
+
+    schedule = make_schedule(t)
+    bar = progress_bar(t.steps, step, config.name)
+    window: list = []
+    last_eval: dict = {}
+    t_window = time.perf_counter()
+    try:
+        with _Preemption() as pre, jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
+            while step < t.steps:
+                batch = data_lib.to_global(next(train_iter), rs.mesh, rs.batch_sharding.spec)
+                state, metrics = train_step(state, batch)
+                step += 1
+                tokens_seen += tokens_per_step
+                window.append(metrics)
+                bar.update(1)
+                last = step == t.steps
+                due_log = step % t.log_every == 0 or last
+                due_ckpt = step % t.checkpoint_every == 0 or last or pre.signal is not None
+                if due_log or due_ckpt:
+                    host = jax.device_get(window)
+                    _check_finite(host, step, ckpt)
+                if due_log:
+                    dt = time.perf_counter() - t_window
+                    row = _summarise(host)
+                    tps = tokens_per_step * len(window) / dt
+                    row.update(
+                        tokens=tokens_seen, lr=float(schedule(step - 1)),
+                        step_time_s=dt / len(window), tokens_per_s=tps, mfu=fpt * tps / peak_total,
+                    )
+                    writer.write(step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    window, t_window = [], time.perf_counter()
+                if (t.eval_every and step % t.eval_every == 0) or last:
+                    last_eval = evaluate_split(
+                        eval_step, state, prep.splits["validation"], config, rs,
+                        prep.tokenizer.token_bytes, max_batches=t.eval_batches,
+                    )
+                    writer.write(step, {"tokens": tokens_seen,
+                                        **{f"val_{k}": v for k, v in last_eval.items()}})
+                    t_window = time.perf_counter()
+                if due_ckpt:
+                    meta = {"step": step, "tokens_seen": tokens_seen, "name": config.name}
+                    ckpt.save(step, state, meta, train_iter, force=last or pre.signal is not None)
+                if pre.signal is not None:
+                    log.warning("signal %d: saved a checkpoint at step %d, exiting", pre.signal,
+                                step)
+                    writer.write(step, {"event": "preempted", "signal": pre.signal})
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    return {"step": step, **{f"val_{k}": v for k, v in last_eval.items()}}
+
+
+def _check_finite(host_window: list[dict], step: int, ckpt: Checkpointer) -> None:
+    losses = np.array([float(m["loss"]) for m in host_window])
+    if not np.all(np.isfinite(losses)):
+        bad = step - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1
+        kept = ckpt.steps()
+        raise NonFiniteLossError(
+            f"training loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
+            f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower train.lr or set "
+            "train.grad_clip, then rerun to resume from it"
+        )

@@ -1,0 +1,148 @@
+"""The decoder LM: causality, scan vs loop, remat, bf16, sharded == single device."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from configs.base import get_config
+from ffn_jax import sharding
+from ffn_jax.model import LM, count_params, model_problems
+
+
+def tiny_model_cfg(**overrides) -> ConfigDict:
+    cfg = get_config("swiglu,size=tiny").model
+    cfg.vocab_size = 97
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def tokens(b=2, t=16, vocab=97, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab)
+
+
+def loss_and_grads(model, toks):
+    def loss(m):
+        logits, _ = m(toks)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    return nnx.value_and_grad(loss)(model)
+
+
+def test_output_shape_dtype_and_param_count():
+    cfg = tiny_model_cfg()
+    m = LM(cfg, rngs=nnx.Rngs(0))
+    logits, aux = m(tokens())
+    assert logits.shape == (2, 16, 97) and logits.dtype == jnp.float32 and aux == {}
+    d, f, L, v = cfg.d_model, 168, cfg.n_layers, 97
+    h = d // cfg.n_heads
+    attn = d * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    assert count_params(m) == v * d + L * (attn + 3 * d * f + 2 * d) + d
+
+
+@pytest.mark.parametrize("variant", ["relu", "swiglu"])
+def test_causal(variant):
+    m = LM(tiny_model_cfg(ffn=variant, n_kv_heads=1), rngs=nnx.Rngs(0))
+    a = tokens(1, 16)
+    b = a.at[0, 9:].set((a[0, 9:] + 5) % 97)
+    la, _ = m(a)
+    lb, _ = m(b)
+    np.testing.assert_allclose(la[0, :9], lb[0, :9], atol=1e-6)
+    assert not np.allclose(la[0, 9:], lb[0, 9:])
+
+
+def test_scan_equals_loop():
+    scanned = LM(tiny_model_cfg(n_layers=3), rngs=nnx.Rngs(0))
+    looped = LM(tiny_model_cfg(n_layers=3, scan_layers=False), rngs=nnx.Rngs(0))
+    toks = tokens()
+    (l1, g1), (l2, g2) = loss_and_grads(scanned, toks), loss_and_grads(looped, toks)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_equals_no_remat(policy):
+    base = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
+    remat = LM(tiny_model_cfg(remat=policy), rngs=nnx.Rngs(0))
+    toks = tokens()
+    (l1, g1), (l2, g2) = loss_and_grads(base, toks), loss_and_grads(remat, toks)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_close_to_float32():
+    f32 = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
+    bf16 = LM(tiny_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    toks = tokens()
+    l32, _ = f32(toks)
+    l16, _ = bf16(toks)
+    assert l16.dtype == jnp.float32  # logits stay float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    p32, p16 = jax.nn.softmax(l32), jax.nn.softmax(l16)
+    assert float(jnp.abs(p32 - p16).max()) < 0.02
+    assert float(jnp.abs(l32 - l16).mean()) < 0.05
+
+
+def test_layernorm_and_untied_options():
+    m = LM(tiny_model_cfg(norm="layer", tie_embeddings=False), rngs=nnx.Rngs(0))
+    params = nnx.state(m, nnx.Param).to_pure_dict()
+    assert params["unembed"].shape == (64, 97)
+    assert "bias" in params["final_norm"]
+    assert m(tokens())[0].shape == (2, 16, 97)
+
+
+@pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_equals_single_device(shape):
+    cfg = tiny_model_cfg(n_heads=4, n_kv_heads=2, vocab_size=96)
+    mesh_cfg = get_config("swiglu,size=tiny").mesh
+    mesh_cfg.shape = ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
+    rules = sharding.rules_from_config(mesh_cfg)
+    mesh = sharding.make_mesh(mesh_cfg)
+    toks = tokens(8, 16, vocab=96)
+
+    ref = LM(cfg, rngs=nnx.Rngs(0))
+    l_ref, g_ref = loss_and_grads(ref, toks)
+
+    with sharding.axis_rules(rules):
+        model = sharding.create_sharded(lambda: LM(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+        graphdef, state = nnx.split(model)
+        wq = state["layers"]["blocks"][0]["attn"]["wq"].get_value()
+        assert wq.sharding.spec == sharding.logical_to_spec(("layers", "embed", "heads", "kv"))
+        assert len(wq.sharding.device_set) == 8
+
+        @jax.jit
+        def f(state, toks):
+            return loss_and_grads(nnx.merge(graphdef, state), toks)
+
+        with jax.set_mesh(mesh):
+            batch = jax.device_put(toks, jax.NamedSharding(mesh, sharding.logical_to_spec(
+                ("batch", None))))
+            loss, grads = f(state, batch)
+    np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ffn="swishglu"), r"model.ffn='swishglu' is unknown; valid variants: relu"),
+        (dict(d_model=65), r"model.d_model=65 is not divisible by model.n_heads=4"),
+        (dict(dtype="float16"), r"model.dtype='float16' is not supported"),
+        (dict(n_kv_heads=3), r"model.n_heads=4 is not divisible by model.n_kv_heads=3"),
+        (dict(remat="some"), r"model.remat='some' is not supported"),
+    ],
+)
+def test_bad_model_config(overrides, message):
+    cfg = tiny_model_cfg(**overrides)
+    problems = model_problems(cfg)
+    assert len(problems) == 1 and re.search(message, problems[0]), problems
+    with pytest.raises(ValueError, match=message):
+        LM(cfg, rngs=nnx.Rngs(0))

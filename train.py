@@ -1,0 +1,22 @@
+"""Train one config, or every run of a sweep config, into --workdir.
+
+    python train.py --config=configs/base.py:swiglu --workdir=runs/swiglu
+    python train.py --config=configs/compare.py:cpu --workdir=runs/compare
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ffn_jax.cli import run_train
+
+config_flags.DEFINE_config_file("config", "configs/base.py", "Config file[:arg].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
+
+
+def main(argv):
+    del argv
+    run_train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
