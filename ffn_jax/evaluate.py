@@ -56,6 +56,10 @@ def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes:
         arrays = [data_lib.to_global(b[k], rs.mesh, spec) for k in ("inputs", "targets", "mask")]
         sums.append(eval_step(state, *arrays))
         total_bytes += int(b["bytes"])
+        if len(sums) % 8 == 0:
+            # Bound the computations in flight: XLA:CPU's simulated devices can deadlock
+            # in a collective when hundreds of them are queued at once.
+            jax.block_until_ready(sums[-1])
     for nll, n in jax.device_get(sums):
         total_nll += float(nll)
         total_tokens += float(n)

@@ -262,7 +262,7 @@ def model_problems(cfg, mesh_shape: dict | None = None) -> list[str]:
     if cfg.attention not in ATTENTION_IMPLS:
         p.append(f"model.attention={cfg.attention!r} is not supported; use one of "
                  f"{list(ATTENTION_IMPLS)}")
-    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads"):
+    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_multiple_of"):
         if cfg[field] <= 0:
             p.append(f"model.{field}={cfg[field]} must be positive")
     if cfg.vocab_size is not None and cfg.vocab_size <= 0:

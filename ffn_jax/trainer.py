@@ -8,10 +8,12 @@ and the data iterator, so a resumed run reproduces the uninterrupted one exactly
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import time
 
@@ -40,6 +42,9 @@ from ffn_jax.model import LM, count_params
 from ffn_jax.optim import make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
+
+
+MAX_IN_FLIGHT = 2  # train steps dispatched ahead of the one the host waits for
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,7 +181,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     config = check_workdir(config, workdir)
     prep = data_lib.prepare(config.data, workdir)
     config = ConfigDict(config.to_dict())  # unlocked copy with the derived fields filled
-    config.model.vocab_size = prep.tokenizer.vocab_size
+    mult = config.model.vocab_multiple_of
+    config.model.vocab_size = -(-prep.tokenizer.vocab_size // mult) * mult
     check_sharded_dims(config, sharding.make_mesh(config.mesh))
     write_config(config, workdir)
 
@@ -190,11 +196,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         seed=config.seed, process_index=pindex, process_count=pcount,
         num_workers=config.data.num_workers,
     )
-    state, step, tokens_seen = rs.state, 0, 0
+    state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
     restored = ckpt.restore(state, train_iter) if t.resume else None
     if restored is not None:
         state, meta, step = restored
-        tokens_seen = meta["tokens_seen"]
+        tokens_seen, time_before = meta["tokens_seen"], meta["train_time_s"]
         log.info("resumed %s from step %d", workdir, step)
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
@@ -226,20 +232,27 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     schedule = make_schedule(t)
     bar = progress_bar(t.steps, step, config.name)
     window: list = []
+    inflight: collections.deque = collections.deque()
     last_eval: dict = {}
-    t_window = time.perf_counter()
+    t_start = t_window = time.perf_counter()
     try:
         with _Preemption() as pre, jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
             while step < t.steps:
                 batch = data_lib.to_global(next(train_iter), rs.mesh, rs.batch_sharding.spec)
                 state, metrics = train_step(state, batch)
+                inflight.append(metrics["loss"])
+                if len(inflight) > MAX_IN_FLIGHT:
+                    # Waits for an older step, never transfers: the host runs ahead by a
+                    # bounded number of steps (XLA:CPU collectives can deadlock otherwise).
+                    jax.block_until_ready(inflight.popleft())
                 step += 1
                 tokens_seen += tokens_per_step
                 window.append(metrics)
                 bar.update(1)
                 last = step == t.steps
+                preempted = pre.signal is not None  # read once: a signal may land any time
                 due_log = step % t.log_every == 0 or last
-                due_ckpt = step % t.checkpoint_every == 0 or last or pre.signal is not None
+                due_ckpt = step % t.checkpoint_every == 0 or last or preempted
                 if due_log or due_ckpt:
                     host = jax.device_get(window)
                     _check_finite(host, step, ckpt)
@@ -263,13 +276,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                                         **{f"val_{k}": v for k, v in last_eval.items()}})
                     t_window = time.perf_counter()
                 if due_ckpt:
-                    meta = {"step": step, "tokens_seen": tokens_seen, "name": config.name}
-                    ckpt.save(step, state, meta, train_iter, force=last or pre.signal is not None)
-                if pre.signal is not None:
+                    meta = {"step": step, "tokens_seen": tokens_seen, "name": config.name,
+                            "train_time_s": time_before + time.perf_counter() - t_start}
+                    ckpt.save(step, state, meta, train_iter, force=last or preempted)
+                if preempted:
                     log.warning("signal %d: saved a checkpoint at step %d, exiting", pre.signal,
                                 step)
                     writer.write(step, {"event": "preempted", "signal": pre.signal})
                     break
+            if step == t.steps:
+                train_time = time_before + time.perf_counter() - t_start
+                writer.write(step, {"event": "end", "train_time_s": train_time,
+                                    "tokens": tokens_seen})
     finally:
         bar.close()
         ckpt.close()
@@ -287,3 +305,16 @@ def _check_finite(host_window: list[dict], step: int, ckpt: Checkpointer) -> Non
             f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower train.lr or set "
             "train.grad_clip, then rerun to resume from it"
         )
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest committed checkpoint step in ``workdir`` (None if there is none)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    return max(done) if done else None
+
+
+def run_is_finished(workdir: str, steps: int) -> bool:
+    """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps``."""
+    latest = latest_step(workdir)
+    return latest is not None and latest >= steps

@@ -5,3 +5,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One token/corpus cache for the whole session (and the subprocesses tests start), kept
+# between local runs; a clean clone fetches the corpus once.
+os.environ.setdefault(
+    "FFN_JAX_CACHE", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "ffn_jax")
+)

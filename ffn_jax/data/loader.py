@@ -1,0 +1,106 @@
+"""The training loader (grain) and the process-local -> global batch helper.
+
+Training draws windows of ``seq_len + 1`` tokens (inputs are ``[:-1]``, targets
+``[1:]``) starting at every position of the split in a seeded random order: one epoch
+is a permutation of all start positions (grain's index shuffle, lazy, O(1) memory),
+each epoch reshuffled, repeated forever. The order depends only on the seed and the
+global batch size, never on the number of processes: global batch ``k`` is elements
+``k*B .. (k+1)*B - 1`` of that sequence, and process ``p`` of ``P`` gets the
+contiguous rows ``p*B/P .. (p+1)*B/P - 1`` of it, so concatenating the processes' rows
+in process order (what :func:`to_global` does) gives the same global batch on any
+number of hosts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ffn_jax.data.shards import TokenShard
+
+
+class _Windows:
+    """Random-access source: element ``i`` is tokens[i : i + length] as int32 (length,).
+
+    Holds the path, not the memmap, so it pickles cheaply into grain worker processes.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, n_tokens: int, length: int) -> None:
+        self._path, self._dtype, self._n_tokens, self._length = path, dtype, n_tokens, length
+        self._tokens: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return self._n_tokens - self._length + 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self._path, self._dtype, mode="r", shape=(self._n_tokens,))
+        return np.asarray(self._tokens[i : i + self._length], np.int32)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+
+def process_rows(
+    batch: int, process_index: int | None, process_count: int | None, what: str
+) -> tuple[int, int, int]:
+    """``(process_index, process_count, rows per process)``, defaulting to jax's values.
+
+    Raises ValueError (naming ``what``) unless the batch divides evenly across processes.
+    """
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+    if batch <= 0 or batch % pc:
+        raise ValueError(f"{what}={batch} must be a positive multiple of process_count={pc}")
+    return pi, pc, batch // pc
+
+
+def train_iterator(
+    shard: TokenShard,
+    *,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """An infinite, seeded iterator of this process's rows of each training batch.
+
+    Yields int32 arrays (global_batch // process_count, seq_len + 1). The iterator has
+    ``get_state()`` / ``set_state()`` (exact resume) and works with
+    ``grain.checkpoint.CheckpointSave/CheckpointRestore``. ``num_workers > 0`` reads
+    in that many grain worker processes (outside ``absl.app.run`` call
+    ``absl.flags.FLAGS.mark_as_parsed()`` first).
+    """
+    pi, pc, rows = process_rows(global_batch, process_index, process_count, "global_batch")
+    if seq_len <= 0:
+        raise ValueError(f"data.seq_len={seq_len} must be positive")
+    if shard.n_tokens < seq_len + 1:
+        raise ValueError(
+            f"data.seq_len={seq_len} needs {seq_len + 1} tokens but {shard.path.name} has "
+            f"{shard.n_tokens}; lower data.seq_len or use more text"
+        )
+    source = _Windows(shard.path, shard.dtype, shard.n_tokens, seq_len + 1)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.batch(rows, drop_remainder=True)[pi::pc]
+    it_ds = ds.to_iter_dataset()
+    if num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it_ds)
+
+
+def to_global(batch_np: np.ndarray, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> jax.Array:
+    """Assemble each process's rows (local shape (B/P, ...)) into one global jax.Array.
+
+    The global array has shape (B, ...) with the processes' rows in process order,
+    laid out on ``mesh`` as ``spec`` says (e.g. ``PartitionSpec("data")``).
+    """
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(batch_np))

@@ -1,0 +1,152 @@
+"""From ``config.data`` to a tokenizer and the three token shards: ``validate``, ``prepare``.
+
+``prepare`` resolves the corpus (fetching Shakespeare on first use), picks the
+tokenizer (the run's own ``<workdir>/tokenizer.json`` when it exists, else byte, a BPE
+trained on the train split and cached, or a user-given ``tokenizer.json``; a non-byte
+tokenizer is then copied into the workdir) and loads or builds the three shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ffn_jax.data.cache import cache_root, digest, write_text_atomic
+from ffn_jax.data.corpora import SPLITS, Corpus, path_entries, resolve_entry, text_corpus
+from ffn_jax.data.hf import hf_corpus
+from ffn_jax.data.shakespeare import shakespeare_corpus
+from ffn_jax.data.shards import TokenShard, get_shard
+from ffn_jax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
+
+CORPORA = ("shakespeare", "text", "hf")
+MIN_BPE_VOCAB = 257  # 256 byte tokens + end-of-text
+
+
+@dataclass
+class Prepared:
+    """The data of a run: its tokenizer and ``splits["train"|"validation"|"test"]``."""
+
+    tokenizer: Tokenizer
+    splits: dict[str, TokenShard]
+
+
+def _field_problems(cfg: Any) -> list[str]:
+    """Problems visible in the config values alone (no filesystem access)."""
+    problems = []
+    if cfg.corpus not in CORPORA:
+        problems.append(f"data.corpus={cfg.corpus!r} is unknown; use one of {CORPORA}")
+    if cfg.corpus == "text" and not path_entries(cfg.paths):
+        problems.append("data.paths is empty; give comma-separated files, directories or globs")
+    if cfg.corpus == "hf":
+        if not cfg.hf_name:
+            problems.append(
+                "data.hf_name is empty; give a dataset name or a save_to_disk directory"
+            )
+        if not cfg.hf_text_field:
+            problems.append("data.hf_text_field is empty; name the column holding the text")
+        if cfg.hf_max_docs < 0:
+            problems.append(f"data.hf_max_docs={cfg.hf_max_docs} is negative; use 0 (all) or more")
+    if cfg.corpus in ("text", "hf") and not 0 < cfg.heldout_fraction < 0.5:
+        problems.append(
+            f"data.heldout_fraction={cfg.heldout_fraction} must be in (0, 0.5); e.g. 0.05"
+        )
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < MIN_BPE_VOCAB:
+        problems.append(
+            f"data.vocab_size={cfg.vocab_size} is below {MIN_BPE_VOCAB} (256 bytes + end-of-text);"
+            " raise it or use data.tokenizer='byte'"
+        )
+    if cfg.tokenizer not in ("byte", "bpe") and not str(cfg.tokenizer).endswith(".json"):
+        problems.append(
+            f"data.tokenizer={cfg.tokenizer!r} is unknown; "
+            "use 'byte', 'bpe' or a tokenizer.json path"
+        )
+    for field in ("seq_len", "batch_size"):
+        if cfg[field] <= 0:
+            problems.append(f"data.{field}={cfg[field]} must be positive")
+    if cfg.num_workers < 0:
+        problems.append(
+            f"data.num_workers={cfg.num_workers} is negative; use 0 (in-process) or more"
+        )
+    return problems
+
+
+def validate(cfg: Any) -> list[str]:
+    """Human-readable problems with ``config.data`` (one line each: field, value, fix).
+
+    Checks what can be checked before anything is written: values, and that the local
+    paths it names exist, are non-empty and (globs) match something. Empty = fine.
+    """
+    problems = _field_problems(cfg)
+    if cfg.corpus == "text":
+        for entry in path_entries(cfg.paths):
+            try:
+                resolve_entry(entry)
+            except (OSError, ValueError) as e:
+                problems.append(str(e))
+    tok = str(cfg.tokenizer)
+    if tok.endswith(".json") and not os.path.isfile(os.path.expanduser(tok)):
+        problems.append(f"data.tokenizer={tok!r}: no such file; give an existing tokenizer.json")
+    return problems
+
+
+def _corpus(cfg: Any, cache: Path) -> Corpus:
+    if cfg.corpus == "shakespeare":
+        return shakespeare_corpus(cache)
+    if cfg.corpus == "text":
+        return text_corpus(cfg.paths, cfg.heldout_fraction)
+    return hf_corpus(cfg)
+
+
+def _tokenizer(cfg: Any, corpus: Corpus, cache: Path, workdir: str | None) -> Tokenizer:
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    run_copy = Path(workdir) / "tokenizer.json" if workdir else None
+    if run_copy is not None and run_copy.exists():
+        tok = BPETokenizer(run_copy.read_text(encoding="utf-8"), source=str(run_copy))
+        if cfg.tokenizer == "bpe" and tok.vocab_size != cfg.vocab_size:
+            raise ValueError(
+                f"data.vocab_size={cfg.vocab_size} but this run's {run_copy} has "
+                f"{tok.vocab_size} tokens; set data.vocab_size={tok.vocab_size} "
+                "or use a new workdir"
+            )
+        return tok
+    if cfg.tokenizer == "bpe":
+        cached = cache / "tokenizers" / f"bpe-{cfg.vocab_size}-{digest(corpus.key)}.json"
+        if cached.exists():
+            tok = BPETokenizer(cached.read_text(encoding="utf-8"), source=str(cached))
+        else:
+            tok = train_bpe(corpus.documents("train"), cfg.vocab_size)
+            write_text_atomic(cached, tok.json)
+    else:
+        path = Path(cfg.tokenizer).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.tokenizer={cfg.tokenizer!r}: no such file; give an existing tokenizer.json"
+            )
+        tok = BPETokenizer(path.read_text(encoding="utf-8"), source=f"data.tokenizer={str(path)!r}")
+    if run_copy is not None:
+        write_text_atomic(run_copy, tok.json)
+    return tok
+
+
+def prepare(cfg: Any, workdir: str | None = None) -> Prepared:
+    """Tokenizer and token shards for ``config.data`` (cached; the first call builds them).
+
+    Raises ValueError / FileNotFoundError with one line naming the field and the fix.
+    """
+    problems = _field_problems(cfg)
+    if problems:
+        raise ValueError(problems[0])
+    cache = cache_root(cfg.cache_dir)
+    corpus = _corpus(cfg, cache)
+    tokenizer = _tokenizer(cfg, corpus, cache, workdir)
+    splits = {s: get_shard(cache, corpus, s, tokenizer) for s in SPLITS}
+    for split, shard in splits.items():
+        if shard.n_tokens < cfg.seq_len + 1:
+            raise ValueError(
+                f"data.seq_len={cfg.seq_len} is longer than the {split} split ({shard.n_tokens} "
+                "tokens); lower data.seq_len or give that split more text"
+            )
+    return Prepared(tokenizer, splits)

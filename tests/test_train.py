@@ -1,0 +1,245 @@
+"""The training loop, checkpoints, preemption, eval.py and config validation."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from ffn_jax import data
+from ffn_jax.configuration import ConfigError, validate_config
+from ffn_jax.metrics import read_metrics
+from ffn_jax.trainer import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**overrides):
+    c = get_config("swiglu,size=tiny")
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def read_json(*parts):
+    with open(os.path.join(*map(str, parts))) as f:
+        return json.load(f)
+
+
+def read_text(*parts):
+    with open(os.path.join(*map(str, parts))) as f:
+        return f.read()
+
+
+def losses(workdir):
+    """step -> loss of the last logged training row for that step."""
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def run_cli(*args, timeout=300, **popen):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny config trained to the end, scoring the whole validation split at the end."""
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    result = train_and_evaluate(tiny(**{"train.eval_batches": 0}), workdir)
+    return workdir, result
+
+
+def test_tiny_trains_below_unigram_entropy(trained):
+    workdir, result = trained
+    c = get_config("swiglu,size=tiny")
+    prep = data.prepare(c.data, workdir)
+    counts = np.bincount(np.asarray(prep.splits["train"].tokens), minlength=257).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())  # nats per token, ~3.3 for Shakespeare bytes
+    assert result["val_loss"] < unigram - 0.7, (result["val_loss"], unigram)
+    rows = read_metrics(workdir)
+    assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
+    logged = [r for r in rows if "loss" in r]
+    assert logged[-1]["loss"] < logged[0]["loss"] - 2.0
+    for key in ("step", "tokens", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu"):
+        assert key in logged[-1]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    cfg = read_json(workdir, "config.json")
+    assert cfg["model"]["vocab_size"] == 384  # 257 byte tokens padded to a multiple of 128
+
+
+def test_eval_in_fresh_process_matches_trainer(trained):
+    workdir, result = trained
+    proc = run_cli("eval.py", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ev = read_json(workdir, "eval.json")
+    assert ev["step"] == 150
+    np.testing.assert_allclose(ev["validation"]["loss"], result["val_loss"], rtol=1e-5)
+    assert ev["validation"]["tokens"] == result["val_tokens"]
+    assert ev["validation"]["bytes"] > 0 and ev["test"]["bytes"] > 0
+    np.testing.assert_allclose(
+        ev["test"]["bits_per_byte"],
+        ev["test"]["loss"] * ev["test"]["tokens"] / (np.log(2) * ev["test"]["bytes"]), rtol=1e-6)
+
+
+def test_sample_generates_text(trained):
+    workdir, _ = trained
+    proc = run_cli("eval.py", f"--workdir={workdir}", "--sample=KING", "--max_new_tokens=20",
+                   "--temperature=0.8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout.strip()
+    assert text.startswith("KING") and len(text) > len("KING")
+
+
+def test_resume_after_kill_reproduces_losses(tmp_path):
+    overrides = {"train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 20,
+                 "train.eval_every": 0, "train.warmup_steps": 5}
+    straight = str(tmp_path / "straight")
+    train_and_evaluate(tiny(**overrides), straight)
+    # A run that dies after its step-20 checkpoint, then is restarted.
+    resumed = str(tmp_path / "resumed")
+    args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={resumed}"]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(resumed, "checkpoints", "20")
+    deadline = time.time() + 240
+    while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = losses(resumed)
+    assert 20 in done
+    assert run_cli(*args).returncode == 0
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert a == b  # bitwise-identical losses, including the steps after the restart
+
+
+def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={workdir}",
+            "--config.train.steps=3000", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=1000", "--config.train.eval_every=0"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(losses(workdir)) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(steps) == 1 and 5 <= steps[0] < 3000
+    preempted = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
+    assert preempted and preempted[0]["step"] == steps[0]
+    # Resume to a shorter total so the test stays fast: the run continues from the checkpoint.
+    proc = run_cli(*args[:3], f"--config.train.steps={steps[0] + 5}", "--config.train.log_every=1",
+                   "--config.train.checkpoint_every=1000", "--config.train.eval_every=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max(losses(workdir)) == steps[0] + 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.lr": -1.0}, r"train.lr=-1.0 must be positive"),
+        ({"data.batch_size": 12},
+         r"data.batch_size=12 is not divisible by the data-parallel size 8"),
+        ({"train.warmup_steps": 500}, r"train.warmup_steps=500 must be in \[0, train.steps=150\)"),
+        ({"mesh.shape.data": 3}, r"mesh.shape=.* multiplies to 3 but there are 8 devices"),
+    ],
+)
+def test_bad_config_values(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(tiny(**overrides), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # nothing written
+
+
+def test_all_problems_reported_together():
+    problems = validate_config(tiny(**{"train.lr": 0.0, "model.ffn": "nope", "train.steps": 5}))
+    assert any("train.lr" in p for p in problems)
+    assert any("model.ffn='nope'" in p for p in problems)
+    assert any("train.warmup_steps" in p for p in problems)
+
+
+def test_mistyped_override_is_an_error(tmp_path):
+    proc = run_cli("train.py", "--config=configs/base.py:swiglu,size=tiny",
+                   f"--workdir={tmp_path}/run", "--config.train.lrr=0.1")
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_size_preset_is_an_error(tmp_path):
+    proc = run_cli("train.py", "--config=configs/base.py:swiglu,size=huge",
+                   f"--workdir={tmp_path}/run")
+    assert proc.returncode != 0 and "size='huge' is not a size preset" in proc.stderr
+
+
+def test_incompatible_workdir_is_refused(trained, tmp_path):
+    workdir, _ = trained
+    before = read_text(workdir, "metrics.jsonl")
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(model.ffn"):
+        train_and_evaluate(tiny(**{"model.ffn": "gelu", "train.eval_batches": 0}), workdir)
+    assert read_text(workdir, "metrics.jsonl") == before
+
+
+def test_resume_false_moves_old_run_aside(tmp_path):
+    workdir = str(tmp_path / "run")
+    c = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.eval_every": 0})
+    train_and_evaluate(c, workdir)
+    c.train.resume = False
+    c.model.ffn = "relu"
+    train_and_evaluate(c, workdir)
+    aside = [d for d in os.listdir(tmp_path) if d.startswith("run.old-")]
+    assert len(aside) == 1
+    assert read_json(tmp_path, aside[0], "config.json")["model"]["ffn"] == "swiglu"
+    assert read_json(workdir, "config.json")["model"]["ffn"] == "relu"
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    workdir = str(tmp_path / "run")
+    c = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.eval_every": 0,
+                "train.checkpoint_every": 10, "train.log_every": 1})
+    train_and_evaluate(c, workdir)
+    latest = os.path.join(workdir, "checkpoints", "20", "state")
+    for root, _, files in os.walk(latest):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    c.train.steps = 25
+    train_and_evaluate(c, workdir)
+    assert any("could not be restored" in r.message for r in caplog.records)
+    # Resumed from step 10: steps 11..25 were (re)trained.
+    assert max(losses(workdir)) == 25
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={workdir}",
+            "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.warmup_steps=1",
+            "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+            "--config.train.keep_checkpoints=100"]
+    proc = run_cli(*args)
+    assert proc.returncode == 1
+    m = re.search(r"training loss is (nan|inf) at step (\d+); stopped. Last good checkpoint: (\d+)",
+                  proc.stderr)
+    assert m, proc.stderr[-2000:]
+    bad, kept = int(m.group(2)), int(m.group(3))
+    assert kept == bad - 1
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps[-1] == kept
