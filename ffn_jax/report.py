@@ -166,10 +166,13 @@ def aggregate(records: list[dict]) -> list[dict]:
                 row[f"{split}_{k}_mean"] = float(np.mean(vals))
                 row[f"{split}_{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         paired = [r["test_loss"] - base[r["seed"]] for r in runs if r["seed"] in base]
-        if variant != BASELINE and paired:
+        if variant == BASELINE:
+            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = 0.0, 0.0, "baseline"
+        elif paired:
             row["d_test_loss"], row["d_test_loss_se"], row["significant"] = _paired_test(paired)
         else:
-            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = 0.0, 0.0, "baseline"
+            nan = float("nan")
+            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = nan, nan, "no relu"
         for k in ("tokens_per_s", "mfu", "train_time_s"):
             vals = [r[k] for r in runs if r[k] is not None]
             row[k] = float(np.mean(vals)) if vals else float("nan")
@@ -185,7 +188,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in sorted(rows, key=lambda r: r["test_bits_per_byte_mean"]):
         name = r["variant"] + ("" if r["causal"] else " (non-causal!)")
-        d = ("—" if r["significant"] == "baseline"
+        d = ("—" if r["significant"] in ("baseline", "no relu")
              else f"{r['d_test_loss']:+.4f} ± {r['d_test_loss_se']:.4f}")
         lines.append(
             f"| {name} | {r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M | "

@@ -1,0 +1,196 @@
+"""Dispatch and combine for one group of tokens (one data shard), expert parallel inside.
+
+``moe_shard`` is the per-shard function: it sees the ``t`` tokens local to its shard and the
+``E_l = E / n_ep`` experts local to its expert shard, and exchanges tokens over the expert mesh
+axis with ``all_to_all``. Without a mesh it runs as is with no collectives (``axes.expert`` None).
+
+Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tensors):
+
+* **capacity** (token choice): assignments are ranked k-major (every token's first choice
+  before any second choice, tokens in order inside a rank), the position of an assignment in
+  its expert is a cumsum over the ``(t*k, E)`` assignment mask, and assignments at positions
+  ``>= C`` are dropped (their contribution is 0: the token passes through the residual only).
+  Kept ones are gathered into an ``(E, C, d)`` slot buffer; one ``all_to_all`` sends each
+  expert shard its ``(E_l, n_ep*C, d)`` slots, a batched einsum runs the experts and a second
+  ``all_to_all`` brings the results back to be gathered per assignment and weighted. Static
+  shapes and dense matmuls: the fast path on every backend, at the cost of computing empty
+  slots (``capacity_factor * k`` expert applications per token).
+* **dropless** (token choice): assignments are sorted by expert; the rows for expert shard
+  ``j`` form one contiguous segment. There is no ragged all-to-all on XLA:CPU, so the exchange
+  is capacity-free but dense: each shard sends every expert shard a ``t*k``-row buffer (room
+  for the worst case, zero-padded), i.e. ``n_ep`` times the bytes of an exact exchange. Each
+  expert shard sorts what it received by local expert and runs a grouped matmul
+  (``dropless_impl``: ``ragged`` = ``jax.lax.ragged_dot``, fast on GPU/TPU; ``loop`` = a scan
+  over one-expert row tiles, fast on CPU; see ``experts.py``). Nothing is dropped.
+* **expert choice**: every expert takes its top-``C`` tokens by router probability
+  (``(E, C)`` token indices), then the same exchange and einsum as the capacity path; results
+  are scatter-added back weighted by the router probability. Non-causal in a decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ffn_jax.moe.experts import (
+    Activation,
+    Weights,
+    dense_experts,
+    ragged_experts,
+    tiled_experts,
+)
+from ffn_jax.moe.routing import aux_from_sums, expert_choice_route, router_sums, top_k_route
+from ffn_jax.moe.settings import MoESettings, capacity
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardAxes:
+    """Mesh axes seen by ``moe_shard``: the batch axes (psum of the statistics) and the expert
+    axis (``all_to_all``; None = no collectives) of size ``n_expert``."""
+
+    batch: tuple[str, ...] = ()
+    expert: str | None = None
+    n_expert: int = 1
+
+
+NO_MESH = ShardAxes()
+
+
+def _exchange_and_compute(
+    buf_ecd: jax.Array, w: Weights, act: Activation, axes: ShardAxes
+) -> jax.Array:
+    """Run the experts on an ``(E, C, d)`` slot buffer, with the expert-parallel exchange."""
+    if axes.expert is None:
+        return dense_experts(buf_ecd, w, act)
+    recv = jax.lax.all_to_all(buf_ecd, axes.expert, 0, 1, tiled=True)  # (E_l, n_ep*C, d)
+    out = dense_experts(recv, w, act)
+    return jax.lax.all_to_all(out, axes.expert, 1, 0, tiled=True)  # (E, C, d)
+
+
+def capacity_dispatch(
+    x_td: jax.Array, expert_tk: jax.Array, weight_tk: jax.Array, w: Weights, act: Activation,
+    cap: int, axes: ShardAxes,
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Token choice with ``cap`` slots per expert. Returns ``(y_td, count_e, dropped, of)``."""
+    t, d = x_td.shape
+    k = expert_tk.shape[1]
+    num_e = w["w1"].shape[0] * axes.n_expert
+    expert_a = expert_tk.T.reshape(-1)  # k-major priority
+    token_a = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)
+    onehot_ae = jax.nn.one_hot(expert_a, num_e, dtype=jnp.int32)
+    pos_a = jnp.take_along_axis(jnp.cumsum(onehot_ae, axis=0), expert_a[:, None], 1)[:, 0] - 1
+    keep_a = pos_a < cap
+    slot_a = jnp.where(keep_a, expert_a * cap + pos_a, num_e * cap)
+    token_s = jnp.full((num_e * cap,), t, jnp.int32).at[slot_a].set(token_a, mode="drop")
+    buf_ecd = x_td.at[token_s].get(mode="fill", fill_value=0).reshape(num_e, cap, d)
+    out_sd = _exchange_and_compute(buf_ecd, w, act, axes).reshape(num_e * cap, d)
+    y_ktd = out_sd.at[slot_a].get(mode="fill", fill_value=0).reshape(k, t, d)
+    y_td = jnp.einsum("ktd,kt->td", y_ktd, weight_tk.T.astype(y_ktd.dtype))
+    return y_td, jnp.sum(onehot_ae, axis=0), jnp.sum(~keep_a), k * t
+
+
+def expert_choice_dispatch(
+    x_td: jax.Array, probs_te: jax.Array, w: Weights, act: Activation, cap: int,
+    axes: ShardAxes,
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Expert choice with ``cap`` tokens per expert. Returns ``(y_td, count_e, unpicked, t)``."""
+    t, d = x_td.shape
+    token_ec, weight_ec = expert_choice_route(probs_te, cap)
+    out_ecd = _exchange_and_compute(x_td[token_ec], w, act, axes)
+    weighted = (out_ecd * weight_ec[..., None].astype(out_ecd.dtype)).reshape(-1, d)
+    y_td = jnp.zeros_like(x_td).at[token_ec.reshape(-1)].add(weighted)
+    picked_t = jnp.zeros((t,), bool).at[token_ec.reshape(-1)].set(True)
+    count_e = jnp.full((probs_te.shape[1],), cap, jnp.int32)
+    return y_td, count_e, t - jnp.sum(picked_t), t
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+    """The inverse of permutation ``order``."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def _grouped(
+    x_nd: jax.Array, expert_n: jax.Array, w: Weights, act: Activation, impl: str
+) -> jax.Array:
+    """Grouped expert FFN on rows sorted by local expert (ids >= E_l are padding -> 0)."""
+    num_local = w["w1"].shape[0]
+    group_e = jnp.bincount(expert_n, length=num_local).astype(jnp.int32)
+    fn = ragged_experts if impl == "ragged" else tiled_experts
+    y_nd = fn(x_nd, expert_n, group_e, w, act)
+    return jnp.where((expert_n < num_local)[:, None], y_nd, 0)
+
+
+def _dropless_exchange(
+    x_nd: jax.Array, expert_n: jax.Array, w: Weights, act: Activation, impl: str,
+    axes: ShardAxes,
+) -> jax.Array:
+    """Experts on rows sorted by global expert id, exchanged capacity-free over the expert axis."""
+    if axes.expert is None:
+        return _grouped(x_nd, expert_n, w, act, impl)
+    n, (rows, d) = axes.n_expert, x_nd.shape
+    num_local = w["w1"].shape[0]
+    dest_n = expert_n // num_local
+    count_j = jnp.bincount(dest_n, length=n)
+    start_j = jnp.cumsum(count_j) - count_j
+    rank_r = jnp.arange(rows)
+    valid_jr = rank_r[None, :] < count_j[:, None]
+    src_jr = jnp.where(valid_jr, start_j[:, None] + rank_r[None, :], rows)
+    send_x = x_nd.at[src_jr].get(mode="fill", fill_value=0)  # (n, rows, d)
+    local_jr = expert_n.at[src_jr].get(mode="fill", fill_value=0) - num_local * jnp.arange(n)[
+        :, None
+    ]
+    send_e = jnp.where(valid_jr, local_jr, num_local)
+    recv_x = jax.lax.all_to_all(send_x, axes.expert, 0, 0, tiled=True).reshape(n * rows, d)
+    recv_e = jax.lax.all_to_all(send_e, axes.expert, 0, 0, tiled=True).reshape(n * rows)
+    order = jnp.argsort(recv_e, stable=True)
+    out = _grouped(recv_x[order], recv_e[order], w, act, impl)[_inverse(order)]
+    back_jrd = jax.lax.all_to_all(out.reshape(n, rows, d), axes.expert, 0, 0, tiled=True)
+    return back_jrd[dest_n, rank_r - start_j[dest_n]]
+
+
+def dropless_dispatch(
+    x_td: jax.Array, expert_tk: jax.Array, weight_tk: jax.Array, w: Weights, act: Activation,
+    impl: str, axes: ShardAxes,
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Token choice without capacity. Returns ``(y_td, count_e, 0, t*k)``."""
+    t, k = expert_tk.shape
+    expert_a = expert_tk.reshape(-1)  # token-major
+    order = jnp.argsort(expert_a, stable=True)
+    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes)
+    y_tkd = y_sd[_inverse(order)].reshape(t, k, -1)
+    y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
+    count_e = jnp.bincount(expert_a, length=w["w1"].shape[0] * axes.n_expert)
+    return y_td, count_e, jnp.zeros((), jnp.int32), t * k
+
+
+def _psum(tree: dict[str, jax.Array], axes: tuple[str, ...]) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda v: jax.lax.psum(v, axes), tree) if axes else tree
+
+
+def moe_shard(
+    x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act: Activation,
+    capacity_factor: float, axes: ShardAxes,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Routed experts on one shard: ``x (b, l, d)``, float32 ``logits (b, l, E)`` and the local
+    experts' weights -> ``(y (b, l, d), aux)``; aux values are global over the batch axes."""
+    batch, length, d = x_bld.shape
+    x_td = x_bld.reshape(batch * length, d)
+    logits_te = logits_ble.reshape(batch * length, -1).astype(jnp.float32)
+    probs_te = jax.nn.softmax(logits_te, axis=-1)
+    cap = capacity(capacity_factor, s.top_k, batch * length, s.num_experts)
+    if s.router == "expert_choice":
+        y_td, count_e, dropped, of = expert_choice_dispatch(x_td, probs_te, w, act, cap, axes)
+    else:
+        expert_tk, weight_tk = top_k_route(probs_te, s.top_k, s.renormalize)
+        if s.dispatch == "capacity":
+            y_td, count_e, dropped, of = capacity_dispatch(
+                x_td, expert_tk, weight_tk, w, act, cap, axes
+            )
+        else:
+            y_td, count_e, dropped, of = dropless_dispatch(
+                x_td, expert_tk, weight_tk, w, act, s.dropless_impl, axes
+            )
+    sums = _psum(router_sums(logits_te, probs_te, count_e, dropped, of), axes.batch)
+    return y_td.reshape(batch, length, d), aux_from_sums(sums)

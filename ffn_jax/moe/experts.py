@@ -1,0 +1,111 @@
+"""The expert computation: any registry FFN variant with a leading expert axis.
+
+``w`` is a dict of the present parameters: ``w1_edf``, ``w2_efd`` and, when present,
+``w3_edf`` (gated variants), ``b1_ef``, ``b3_ef``, ``b2_ed``, keyed ``w1, w3, w2, b1, b3, b2``.
+Three implementations with identical results:
+
+* ``dense_experts``: a batched einsum over an ``(E, C, d)`` slot buffer (capacity path).
+  FLOPs = ``E * C`` rows, including empty slots; fast everywhere.
+* ``ragged_experts``: ``jax.lax.ragged_dot`` on expert-sorted rows (dropless). On GPU/TPU a
+  real grouped matmul (FLOPs = rows); on XLA:CPU it lowers to a masked dense dot costing
+  ``E`` times that, so it is for correctness there.
+* ``tiled_experts``: a ``lax.scan`` over fixed-size row tiles, each tile holding rows of one
+  expert (every group padded to a multiple of the tile), empty tiles skipped by ``lax.cond``.
+  FLOPs = rows + at most one partial tile per expert: the fast dropless choice on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Weights = dict[str, jax.Array]
+Activation = Callable[[jax.Array], jax.Array]
+
+TILE_ROWS = 128  # rows per tile of tiled_experts (matmul efficiency vs padding waste)
+
+
+def _plus_bias(h: jax.Array, w: Weights, name: str, index: jax.Array | None) -> jax.Array:
+    """``h`` plus bias ``name`` if present: per expert ``(E, 1, width)`` or per row ``index``."""
+    if name not in w:
+        return h
+    return h + (w[name][:, None] if index is None else w[name][index]).astype(h.dtype)
+
+
+def dense_experts(x_ecd: jax.Array, w: Weights, act: Activation) -> jax.Array:
+    """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)``."""
+    dt = x_ecd.dtype
+    h = jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt))
+    h = act(_plus_bias(h, w, "b1", None))
+    if "w3" in w:
+        g = jnp.einsum("ecd,edf->ecf", x_ecd, w["w3"].astype(dt))
+        h = h * _plus_bias(g, w, "b3", None)
+    y = jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt))
+    return _plus_bias(y, w, "b2", None)
+
+
+def ragged_experts(
+    x_nd: jax.Array, expert_n: jax.Array, group_sizes_e: jax.Array, w: Weights, act: Activation
+) -> jax.Array:
+    """Grouped matmul on rows sorted by ``expert_n`` (padding rows last, any id >= E).
+
+    Returns ``(N, d)``; padding rows are left for the caller to mask.
+    """
+    dt = x_nd.dtype
+    e = jnp.minimum(expert_n, w["w1"].shape[0] - 1)
+    h = act(_plus_bias(jax.lax.ragged_dot(x_nd, w["w1"].astype(dt), group_sizes_e), w, "b1", e))
+    if "w3" in w:
+        g = jax.lax.ragged_dot(x_nd, w["w3"].astype(dt), group_sizes_e)
+        h = h * _plus_bias(g, w, "b3", e)
+    return _plus_bias(jax.lax.ragged_dot(h, w["w2"].astype(dt), group_sizes_e), w, "b2", e)
+
+
+def _tile_layout(
+    expert_n: jax.Array, group_sizes_e: jax.Array, tile: int
+) -> tuple[jax.Array, jax.Array, int]:
+    """Row -> padded position ``dest_n`` and tile -> expert ``tile_expert`` (E = empty tile)."""
+    n, num_e = expert_n.shape[0], group_sizes_e.shape[0]
+    n_tiles = -(-n // tile) + num_e
+    start_e = jnp.cumsum(group_sizes_e) - group_sizes_e
+    padded_e = -(-group_sizes_e // tile) * tile
+    padded_end_e = jnp.cumsum(padded_e)
+    valid = expert_n < num_e
+    e = jnp.minimum(expert_n, num_e - 1)
+    rank = jnp.arange(n) - start_e[e]
+    dest_n = jnp.where(valid, padded_end_e[e] - padded_e[e] + rank, n_tiles * tile)
+    tile_start = jnp.arange(n_tiles) * tile
+    tile_expert = jnp.searchsorted(padded_end_e, tile_start, side="right").astype(jnp.int32)
+    return dest_n, tile_expert, n_tiles
+
+
+def tiled_experts(
+    x_nd: jax.Array,
+    expert_n: jax.Array,
+    group_sizes_e: jax.Array,
+    w: Weights,
+    act: Activation,
+    tile: int = TILE_ROWS,
+) -> jax.Array:
+    """Same contract as ``ragged_experts``, as a scan over single-expert row tiles."""
+    n, d = x_nd.shape
+    tile = min(tile, n)
+    num_e = group_sizes_e.shape[0]
+    dest_n, tile_expert, n_tiles = _tile_layout(expert_n, group_sizes_e, tile)
+    x_tiles = jnp.zeros((n_tiles * tile, d), x_nd.dtype).at[dest_n].set(x_nd, mode="drop")
+    x_tiles = x_tiles.reshape(n_tiles, tile, d)
+
+    def one_tile(_, inputs):
+        x_cd, e = inputs
+        w_e = {name: a[jnp.minimum(e, num_e - 1)][None] for name, a in w.items()}
+        y_cd = jax.lax.cond(
+            e < num_e,
+            lambda x, w_e: dense_experts(x[None], w_e, act)[0],
+            lambda x, _: jnp.zeros_like(x),
+            x_cd, w_e,
+        )
+        return None, y_cd
+
+    _, y_tiles = jax.lax.scan(one_tile, None, (x_tiles, tile_expert))
+    return y_tiles.reshape(n_tiles * tile, d).at[dest_n].get(mode="fill", fill_value=0)

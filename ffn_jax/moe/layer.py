@@ -1,0 +1,187 @@
+"""``MoEFFN``: the Mixture-of-Experts FFN module and its expert-parallel ``shard_map``.
+
+Parameters (DESIGN.md): ``router`` ``(d_model, E)`` logical ``("embed", None)`` (optional
+``router_bias`` ``(E,)``); expert weights ``w1``/``w3`` ``(E, d_model, f)`` logical
+``("expert", "embed", "mlp")`` and ``w2`` ``(E, f, d_model)`` ``("expert", "mlp", "embed")``,
+optional biases ``b1``/``b3`` ``(E, f)`` and ``b2`` ``(E, d_model)``; ``shared``: a dense
+``ffn_jax.ffn.FFN`` of width ``num_shared * f`` (the shared experts fused), always on.
+
+Sharding: under an ambient mesh (``jax.set_mesh``) the routed part runs in one
+``jax.shard_map`` over the whole mesh: tokens are split over the mesh axes of the logical
+``"batch"`` rule, experts over the axis of the ``"expert"`` rule, everything else replicated
+inside (the shard_map gathers FSDP/tensor-sharded expert weights on entry, so experts are not
+tensor-parallel). The router matmul, jitter and the shared expert run outside, under GSPMD.
+Without a mesh the same per-shard function runs directly, with no collectives.
+
+Modes: ``deterministic=False`` (training, the default) uses ``capacity_factor`` and jitter;
+``model.eval()`` sets ``deterministic=True`` (``eval_capacity_factor``, no jitter) and
+``model.train()`` sets it back, exactly like ``nnx.Dropout``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from ffn_jax.ffn import FFN, get_variant
+from ffn_jax.moe.dispatch import NO_MESH, ShardAxes, moe_shard
+from ffn_jax.moe.experts import Weights
+from ffn_jax.moe.settings import MoESettings, validate
+from ffn_jax.sharding import logical_to_spec, param
+
+_EXPERT_NDIM = {"w1": 3, "w3": 3, "w2": 3, "b1": 2, "b3": 2, "b2": 2}  # name -> ndim
+
+
+def _expert_init(scale: float = 1.0):
+    """Truncated normal, std ``scale / sqrt(fan_in)`` per expert (axis 0 is a batch axis)."""
+    return nnx.initializers.variance_scaling(
+        scale**2, "fan_in", "truncated_normal", batch_axis=(0,)
+    )
+
+
+def _as_tuple(target) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def shard_axes(num_experts: int) -> ShardAxes:
+    """The batch and expert mesh axes from the ambient mesh and logical rules (ValueError if
+    the expert sharding cannot work)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = _as_tuple(logical_to_spec(("batch",))[0])
+    expert = _as_tuple(logical_to_spec(("expert",))[0])
+    if len(expert) > 1:
+        raise ValueError(f"mesh.rules: 'expert' maps to {expert}; map it to one mesh axis")
+    n = mesh.shape[expert[0]] if expert else 1
+    if not expert or (n == 1 and expert[0] not in batch):
+        return ShardAxes(batch=batch)  # experts not split, tokens not over their axis
+    if num_experts % n:
+        raise ValueError(
+            f"model.moe.num_experts*granularity={num_experts} is not divisible by the expert "
+            f"mesh axis {expert[0]!r} of size {n}; change num_experts or mesh.shape"
+        )
+    if n > 1 and expert[0] not in batch:
+        raise ValueError(
+            f"mesh.rules: 'batch' must include the expert mesh axis {expert[0]!r} (size {n}) "
+            "so that tokens are split over expert shards"
+        )
+    return ShardAxes(batch=batch, expert=expert[0], n_expert=n)
+
+
+def run_routed(
+    x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act,
+    capacity_factor: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without one."""
+    fn = functools.partial(moe_shard, s=s, act=act, capacity_factor=capacity_factor)
+    if jax.sharding.get_abstract_mesh().empty:
+        return fn(x_bld, logits_ble, w, axes=NO_MESH)
+    axes = shard_axes(s.num_experts)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = math.prod(mesh.shape[a] for a in axes.batch)
+    if x_bld.shape[0] % shards:
+        raise ValueError(
+            f"MoE batch of {x_bld.shape[0]} sequences is not divisible by the {shards}-way "
+            f"batch sharding over {axes.batch}; change data.batch_size or mesh.shape"
+        )
+    tokens = P(axes.batch or None, None, None)
+    w_specs = {name: P(axes.expert, *(None,) * (_EXPERT_NDIM[name] - 1)) for name in w}
+    sharded = jax.shard_map(
+        functools.partial(fn, axes=axes),
+        in_specs=(tokens, tokens, w_specs),
+        out_specs=(tokens, P()),
+        check_vma=True,
+    )
+    return sharded(x_bld, logits_ble, w)
+
+
+class MoEFFN(nnx.Module):
+    """Mixture-of-Experts FFN: ``x (batch, length, d_model) -> (y same shape, aux)``.
+
+    ``moe_cfg`` is ``config.model.moe``; ``d_ff`` the dense parameter-matched width (expert
+    width ``d_ff // granularity``). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
+    ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        moe_cfg,
+        *,
+        variant: str,
+        d_ff: int,
+        use_bias: bool = False,
+        router_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        problems = validate(moe_cfg, d_model, None, None, d_ff=d_ff)
+        if int(moe_cfg.num_experts) < 1:
+            problems.append("model.moe.num_experts=0 means a dense FFN; build ffn.FFN instead")
+        if problems:
+            raise ValueError("; ".join(problems))
+        s = self.settings = MoESettings.from_config(moe_cfg, d_ff)
+        self.variant = get_variant(variant)
+        self.dtype = dtype
+        self.deterministic = False
+        e, f = s.num_experts, s.expert_width
+        self.router = nnx.Param(
+            param(_expert_init(), ("embed", None))(rngs.params(), (d_model, e))
+        )
+        zeros = nnx.initializers.zeros_init()
+        self.router_bias = (
+            nnx.Param(param(zeros, (None,))(rngs.params(), (e,))) if router_bias else None
+        )
+        w_in = param(_expert_init(), ("expert", "embed", "mlp"))
+        self.w1 = nnx.Param(w_in(rngs.params(), (e, d_model, f)))
+        self.w3 = nnx.Param(w_in(rngs.params(), (e, d_model, f))) if self.variant.gated else None
+        self.w2 = nnx.Param(param(_expert_init(), ("expert", "mlp", "embed"))(
+            rngs.params(), (e, f, d_model)
+        ))
+        b_h, b_d = param(zeros, ("expert", "mlp")), param(zeros, ("expert", "embed"))
+        self.b1 = nnx.Param(b_h(rngs.params(), (e, f))) if use_bias else None
+        self.b3 = nnx.Param(b_h(rngs.params(), (e, f))) if use_bias and self.variant.gated else None
+        self.b2 = nnx.Param(b_d(rngs.params(), (e, d_model))) if use_bias else None
+        self.shared = (
+            FFN(d_model, s.shared_width, variant, use_bias=use_bias, dtype=dtype, rngs=rngs)
+            if s.shared_width
+            else None
+        )
+        self.rngs = rngs["dropout"].fork() if s.jitter > 0 else None
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """``nnx.view`` hook: ``deterministic=True`` is evaluation mode."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def expert_weights(self) -> Weights:
+        """The present expert parameters as a dict of arrays (``w1, w3, w2, b1, b3, b2``)."""
+        names = ("w1", "w3", "w2", "b1", "b3", "b2")
+        return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+
+    def router_logits(self, x_btd: jax.Array) -> jax.Array:
+        """Float32 router logits ``(b, t, E)``, with multiplicative jitter in training."""
+        x = x_btd.astype(jnp.float32)
+        if self.rngs is not None and not self.deterministic:
+            eps = self.settings.jitter
+            x = x * jax.random.uniform(self.rngs(), x.shape, jnp.float32, 1 - eps, 1 + eps)
+        logits = x @ self.router[...].astype(jnp.float32)
+        if self.router_bias is not None:
+            logits = logits + self.router_bias[...].astype(jnp.float32)
+        return logits
+
+    def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        s = self.settings
+        cf = s.eval_capacity_factor if self.deterministic else s.capacity_factor
+        y, aux = run_routed(
+            x_btd.astype(self.dtype), self.router_logits(x_btd), self.expert_weights(),
+            s=s, act=self.variant.activation, capacity_factor=cf,
+        )
+        if self.shared is not None:
+            y = y + self.shared(x_btd)
+        return y, aux
+

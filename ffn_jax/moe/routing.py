@@ -1,0 +1,100 @@
+"""Router math (float32), the auxiliary losses and the MoE metrics.
+
+Letters: ``t`` tokens of one group, ``e`` experts, ``k`` choices per token, ``c`` capacity.
+
+Aux conventions (every value is *raw*: unweighted, per layer):
+
+* ``lb_loss`` (Switch): ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of the ``T * k``
+  routed assignments (before capacity drops) that chose expert ``i`` and ``P_i`` the mean router
+  probability of expert ``i``. It is **1.0 at perfect balance** for any ``k`` (``E`` at total
+  collapse onto one expert).
+* ``z_loss`` (ST-MoE): mean over tokens of ``logsumexp(logits)^2``.
+* ``expert_fraction`` ``(E,)``: the ``f_i`` above (sums to 1).
+* ``dropped_fraction``: token choice: dropped assignments / all assignments (0 on the dropless
+  path); expert choice: tokens picked by no expert / all tokens.
+* ``router_entropy``: mean over tokens of ``-sum_i p_i log p_i`` (``log E`` = uniform).
+
+Every statistic is a global mean over all tokens of the batch: the per-shard sums are
+``psum``-ed over the batch mesh axes before the ratios are taken, so the sharded values equal
+the unsharded ones exactly. ``moe_aux_loss`` averages the per-layer values over layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def top_k_route(probs_te: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Token choice: ``(expert_tk int32, weight_tk float32)``, best choice first.
+
+    The weight is the pre-selection router probability, so with ``k = 1`` (Switch) the router
+    still gets a gradient from the task loss; for ``k >= 2`` ``renormalize`` rescales the
+    selected weights to sum to 1.
+    """
+    weight_tk, expert_tk = jax.lax.top_k(probs_te, k)
+    if renormalize and k > 1:
+        weight_tk = weight_tk / jnp.sum(weight_tk, axis=-1, keepdims=True)
+    return expert_tk.astype(jnp.int32), weight_tk
+
+
+def expert_choice_route(probs_te: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Expert choice: every expert takes its ``capacity`` highest-probability tokens.
+
+    Returns ``(token_ec int32, weight_ec float32)``. Non-causal in a decoder: whether a token is
+    picked depends on the other tokens of the group, later ones included.
+    """
+    weight_ec, token_ec = jax.lax.top_k(probs_te.T, capacity)
+    return token_ec.astype(jnp.int32), weight_ec
+
+
+def router_sums(
+    logits_te: jax.Array,
+    probs_te: jax.Array,
+    count_e: jax.Array,
+    dropped: jax.Array,
+    dropped_of: int,
+) -> dict[str, jax.Array]:
+    """Per-group sums behind the aux values (to be ``psum``-ed over the batch axes).
+
+    ``count_e``: assignments per expert before drops; ``dropped`` out of ``dropped_of``.
+    """
+    lse_t = jax.nn.logsumexp(logits_te, axis=-1)
+    entropy_t = -jnp.sum(probs_te * jnp.log(jnp.maximum(probs_te, 1e-30)), axis=-1)
+    f32 = jnp.float32
+    return {
+        "tokens": jnp.asarray(probs_te.shape[0], f32),
+        "count_e": count_e.astype(f32),
+        "prob_e": jnp.sum(probs_te, axis=0),
+        "z": jnp.sum(jnp.square(lse_t)),
+        "entropy": jnp.sum(entropy_t),
+        "dropped": dropped.astype(f32),
+        "dropped_of": jnp.asarray(dropped_of, f32),
+    }
+
+
+def aux_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The aux dict (see the module docstring) from global ``router_sums``."""
+    fraction_e = sums["count_e"] / jnp.sum(sums["count_e"])
+    mean_prob_e = sums["prob_e"] / sums["tokens"]
+    return {
+        "lb_loss": fraction_e.shape[0] * jnp.sum(fraction_e * mean_prob_e),
+        "z_loss": sums["z"] / sums["tokens"],
+        "expert_fraction": fraction_e,
+        "dropped_fraction": sums["dropped"] / sums["dropped_of"],
+        "router_entropy": sums["entropy"] / sums["tokens"],
+    }
+
+
+def moe_aux_loss(aux: Mapping[str, jax.Array], moe_cfg) -> jax.Array:
+    """The auxiliary training loss of the MoE layers, to add to the task loss.
+
+    ``lb_loss_coef * mean_layers(lb_loss) + z_loss_coef * mean_layers(z_loss)`` where ``aux``
+    holds the per-layer raw values, stacked over layers (shape ``(L,)``) or of one layer
+    (scalars). Averaging over layers keeps the coefficient's meaning independent of depth; the
+    load-balance term is ``lb_loss_coef`` at perfect balance.
+    """
+    lb = moe_cfg.lb_loss_coef * jnp.mean(aux["lb_loss"])
+    return lb + moe_cfg.z_loss_coef * jnp.mean(aux["z_loss"])
