@@ -131,6 +131,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.log_every = 25  # steps between metric logs (the only host syncs)
     t.eval_every = 250  # steps between validation evaluations (0 = only at the end)
     t.eval_batches = 16  # validation batches during training (0 = the whole split)
+    t.final_eval = True  # at the end, score all of validation + test and write eval.json
     t.checkpoint_every = 250  # steps between checkpoints
     t.keep_checkpoints = 2  # checkpoints kept
     t.resume = True  # resume from the workdir's checkpoint; False refuses an existing run

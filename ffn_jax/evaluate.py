@@ -111,11 +111,17 @@ def evaluate_run(workdir: str, step: int | None = None,
     config, prep, rs, state, step = restore_run(workdir, step)
     with jax.set_mesh(rs.mesh):
         eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
-        results = {
-            split: evaluate_split(eval_step, state, prep.splits[split], config, rs,
-                                  prep.tokenizer.token_bytes)
-            for split in splits
-        }
+        return score_splits(workdir, eval_step, state, step, config, prep, rs, splits)
+
+
+def score_splits(workdir: str, eval_step, state, step: int, config: ConfigDict, prep, rs,
+                 splits: tuple[str, ...] = ("validation", "test")) -> dict:
+    """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``."""
+    results = {
+        split: evaluate_split(eval_step, state, prep.splits[split], config, rs,
+                              prep.tokenizer.token_bytes)
+        for split in splits
+    }
     out = {"step": step, "name": config.name, **results}
     if jax.process_index() == 0:
         path = os.path.join(workdir, "eval.json")

@@ -182,7 +182,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The results table as markdown, sorted by test bits per byte."""
-    head = ("| variant | params (total / active) | train GFLOPs/tok | val loss | test loss | "
+    head = ("| variant | params (total / active) | train MFLOPs/tok | val loss | test loss | "
             "test ppl | test bits/byte | Δ test loss vs relu | sig. (95%) | tokens/s | MFU | "
             "time (s) |")
     lines = [head, "|" + "---|" * 12]
@@ -192,7 +192,7 @@ def markdown_table(rows: list[dict]) -> str:
              else f"{r['d_test_loss']:+.4f} ± {r['d_test_loss_se']:.4f}")
         lines.append(
             f"| {name} | {r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M | "
-            f"{r['flops_per_token'] / 1e9:.4f} | "
+            f"{r['flops_per_token'] / 1e6:.2f} | "
             f"{r['validation_loss_mean']:.4f} ± {r['validation_loss_std']:.4f} | "
             f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f} | "
             f"{r['test_perplexity_mean']:.3f} ± {r['test_perplexity_std']:.3f} | "

@@ -35,7 +35,7 @@ from ffn_jax.configuration import (
     validate_config,
     write_config,
 )
-from ffn_jax.evaluate import evaluate_split, make_eval_step
+from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
 from ffn_jax.flops import flops_per_token, peak_flops
 from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import LM, count_params
@@ -267,11 +267,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                     writer.write(step, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
                     window, t_window = [], time.perf_counter()
-                if (t.eval_every and step % t.eval_every == 0) or last:
-                    last_eval = evaluate_split(
-                        eval_step, state, prep.splits["validation"], config, rs,
-                        prep.tokenizer.token_bytes, max_batches=t.eval_batches,
-                    )
+                if last or (t.eval_every and step % t.eval_every == 0):
+                    if last and t.final_eval:  # every token of validation and test
+                        scores = score_splits(workdir, eval_step, state, step, config, prep, rs)
+                        last_eval = scores["validation"]
+                    else:
+                        last_eval = evaluate_split(
+                            eval_step, state, prep.splits["validation"], config, rs,
+                            prep.tokenizer.token_bytes, max_batches=t.eval_batches,
+                        )
                     writer.write(step, {"tokens": tokens_seen,
                                         **{f"val_{k}": v for k, v in last_eval.items()}})
                     t_window = time.perf_counter()
