@@ -66,8 +66,10 @@ def _train_problems(t: ConfigDict, batch_size: int) -> list[str]:
     for field in ("eval_every", "eval_batches"):
         if t[field] < 0:
             p.append(f"train.{field}={t[field]} must be >= 0 (0 = at the end / whole split)")
-    if t.profile_steps and not re.fullmatch(r"\d+:\d+", t.profile_steps):
-        p.append(f"train.profile_steps={t.profile_steps!r} must look like 'start:stop', e.g. 10:15")
+    m = re.fullmatch(r"(\d+):(\d+)", t.profile_steps) if t.profile_steps else None
+    if t.profile_steps and not (m and int(m[1]) < int(m[2])):
+        p.append(f"train.profile_steps={t.profile_steps!r} must be 'start:stop' with "
+                 "start < stop, e.g. 10:15")
     return p
 
 

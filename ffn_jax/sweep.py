@@ -35,8 +35,11 @@ def is_sweep(config: ConfigDict) -> bool:
 
 
 def is_sweep_dir(workdir: str) -> bool:
-    """Whether ``workdir`` was written by a sweep."""
-    return os.path.exists(os.path.join(workdir, SWEEP_FILE))
+    """Whether ``workdir`` holds a sweep (``sweep.json``, or run directories and no run of
+    its own)."""
+    if os.path.exists(os.path.join(workdir, SWEEP_FILE)):
+        return True
+    return not os.path.exists(os.path.join(workdir, "config.json")) and bool(run_dirs(workdir))
 
 
 def variant_names(config: ConfigDict) -> list[str]:

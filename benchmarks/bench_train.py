@@ -1,0 +1,140 @@
+"""Train-step benchmark: step time, tokens/s, MFU, compile time and memory per FFN variant
+and MoE path, printed as one JSON line per measurement.
+
+    python benchmarks/bench_train.py                      # CPU shape, every dense variant + MoE
+    python benchmarks/bench_train.py --mode=gpu           # ~125M model, seq 1024, bf16
+    python benchmarks/bench_train.py --variants=swiglu --remat=none,full,dots
+
+Shapes: CPU d_model 512, 8 layers, seq 256, vocab 8192 (batch 8); GPU d_model 768,
+12 layers, 12 heads, seq 1024, vocab 32768 (GPT-2-small shape, ~125M params, batch 32).
+MFU = model FLOPs/token (ffn_jax.flops: 3 x forward, attention included) x tokens/s over
+the peak measured in this process just before (float32 matmul on CPU, bf16 on GPU, with
+the datasheet peak beside it). Memory is the compiled step's memory analysis (arguments +
+temporaries - aliased donations). ``--smoke`` shrinks every shape (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs.base import get_config  # noqa: E402
+from ffn_jax import flops, sharding  # noqa: E402
+from ffn_jax.trainer import build_run_state, make_train_step  # noqa: E402
+
+SHAPES = {
+    "cpu": dict(d_model=512, n_layers=8, n_heads=8, seq_len=256, vocab=8192, batch=8,
+                dtype="float32"),
+    "gpu": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab=32768, batch=32,
+                dtype="bfloat16"),
+}
+SMOKE = dict(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab=256, batch=4)
+# MoE rows: 8 experts, top-2, capacity factor 1.25, expert width = half the dense SwiGLU
+# width (granularity-style), so active FLOPs equal the dense SwiGLU row.
+MOE_PATHS = {
+    "moe_capacity": dict(dispatch="capacity"),
+    "moe_dropless_loop": dict(dispatch="dropless", dropless_impl="loop"),
+    "moe_dropless_ragged": dict(dispatch="dropless", dropless_impl="ragged"),
+}
+
+
+def make_config(mode: str, variant: str, remat: str, smoke: bool):
+    """The benchmark config for ``variant`` (a dense variant or a MOE_PATHS key)."""
+    shape = {**SHAPES[mode], **(SMOKE if smoke else {})}
+    c = get_config("swiglu,size=tiny")
+    m = c.model
+    m.d_model, m.n_layers, m.n_heads = shape["d_model"], shape["n_layers"], shape["n_heads"]
+    m.n_kv_heads, m.vocab_size, m.dtype, m.remat = shape["n_heads"], shape["vocab"], \
+        shape["dtype"], remat
+    m.attention = "auto" if mode == "gpu" else "xla"
+    c.data.seq_len, c.data.batch_size = shape["seq_len"], shape["batch"]
+    c.mesh.shape.data = 1
+    if variant in MOE_PATHS:
+        m.ffn = "swiglu"
+        m.moe.update(num_experts=4, granularity=2, top_k=1, capacity_factor=1.25,
+                     **MOE_PATHS[variant])
+    else:
+        m.ffn = variant
+    return c
+
+
+def measure(config, steps: int, peak: float) -> dict:
+    """Compile and time the train step of ``config`` on one device."""
+    mesh = sharding.single_device_mesh()
+    rs = build_run_state(config, mesh)
+    b, t = config.data.batch_size, config.data.seq_len
+    with jax.set_mesh(mesh), sharding.axis_rules(rs.rules):
+        jitted = jax.jit(make_train_step(rs.graphdef, config),
+                         in_shardings=(rs.state_shardings, rs.batch_sharding),
+                         out_shardings=(rs.state_shardings, None), donate_argnums=0)
+        batch = jax.device_put(
+            jax.random.randint(jax.random.key(0), (b, t + 1), 0, config.model.vocab_size,
+                               dtype=jnp.int32), rs.batch_sharding)
+        t0 = time.perf_counter()
+        compiled = jitted.lower(rs.state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        state = rs.state
+        for _ in range(2):  # warm-up
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        step_s = (time.perf_counter() - t0) / steps
+    mem = compiled.memory_analysis()
+    peak_mem = None
+    if mem is not None:
+        peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    fpt = flops.flops_per_token(config.model, t)["train"]
+    tps = b * t / step_s
+    return {"step_s": step_s, "tokens_per_s": tps, "mfu": fpt * tps / peak,
+            "compile_s": compile_s, "memory_bytes": peak_mem, "flops_per_token": fpt,
+            "params": rs.n_params, "loss": float(metrics["loss"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=list(SHAPES), default=None,
+                    help="cpu or gpu shapes (default: from the default backend)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated dense variants and MoE paths (default: all)")
+    ap.add_argument("--remat", default="none", help="comma-separated remat policies")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
+    args = ap.parse_args()
+    mode = args.mode or ("cpu" if jax.default_backend() == "cpu" else "gpu")
+    from ffn_jax.ffn import VARIANTS
+
+    variants = (args.variants.split(",") if args.variants
+                else [v for v in VARIANTS if v != "silu"] + list(MOE_PATHS))
+    dev = jax.devices()[0]
+    peak_dtype = jnp.float32 if mode == "cpu" else jnp.bfloat16
+    peak = flops.measure_matmul_peak(peak_dtype, n=256 if args.smoke else None)
+    print(json.dumps({"measurement": "matmul_peak", "device": dev.device_kind,
+                      "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": peak,
+                      "datasheet_bf16_flops_per_s": flops.datasheet_peak(dev)}), flush=True)
+    for remat in args.remat.split(","):
+        for variant in variants:
+            if variant == "moe_dropless_ragged" and mode == "cpu" and not args.smoke:
+                continue  # ragged_dot is a masked dense dot on CPU (E x the FLOPs); GPU only
+            config = make_config(mode, variant, remat, args.smoke)
+            row = measure(config, args.steps, peak)
+            print(json.dumps({"measurement": "train_step", "mode": mode, "variant": variant,
+                              "remat": remat, "dtype": config.model.dtype,
+                              "d_model": config.model.d_model, "n_layers": config.model.n_layers,
+                              "seq_len": config.data.seq_len, "batch": config.data.batch_size,
+                              "vocab": config.model.vocab_size, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

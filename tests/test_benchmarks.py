@@ -1,0 +1,36 @@
+"""The benchmark scripts run (smoke shapes) and print well-formed JSON lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*args):
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user would run it
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_bench_train_smoke(mode):
+    """The GPU mode's logic (bf16, datasheet peak lookup, shapes) runs on CPU too."""
+    rows = run_bench("benchmarks/bench_train.py", "--smoke", f"--mode={mode}",
+                     "--variants=relu,moe_capacity", "--steps=1")
+    peak, *steps = rows
+    assert peak["measurement"] == "matmul_peak" and peak["flops_per_s"] > 0
+    assert peak["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
+    assert [r["variant"] for r in steps] == ["relu", "moe_capacity"]
+    for r in steps:
+        assert r["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
+        assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5 and r["memory_bytes"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / r["step_s"])
+    # Same active FLOPs for the MoE row and the dense rows (matched by construction).
+    assert steps[1]["flops_per_token"] == pytest.approx(steps[0]["flops_per_token"], rel=0.02)

@@ -1,0 +1,58 @@
+"""Every shipped config and preset validates and builds its model (abstractly)."""
+
+import pytest
+from flax import nnx
+
+from configs import base, compare
+from ffn_jax.configuration import validate_config
+from ffn_jax.model import LM
+from ffn_jax.sweep import run_configs
+
+
+def _builds(config):
+    config.model.vocab_size = 384
+    problems = validate_config(config, num_devices=8)
+    assert problems == [], problems
+    model = nnx.eval_shape(lambda: LM(config.model, rngs=nnx.Rngs(0)))
+    assert model.embed.shape == (384, config.model.d_model)
+
+
+@pytest.mark.parametrize("size", list(base.SIZES))
+@pytest.mark.parametrize("variant", ["relu", "swiglu"])
+def test_base_config_builds(size, variant):
+    _builds(base.get_config(f"{variant},size={size}"))
+
+
+@pytest.mark.parametrize("preset", list(compare.PRESETS))
+def test_compare_preset_runs_build(preset):
+    c = compare.get_config(preset)
+    names = c.sweep.variants.split(",")
+    runs = run_configs(c)
+    assert len(runs) == len(names) * c.sweep.seeds
+    for _, run in runs[: len(names)]:
+        _builds(run)
+
+
+def test_cpu_preset_is_parameter_matched():
+    from ffn_jax.report import param_counts
+
+    counts = {}
+    for name, run in run_configs(compare.get_config("cpu"))[:11]:
+        run.model.vocab_size = 384
+        counts[name] = param_counts(run)["params_active"]
+    base_count = counts["relu-s0"]
+    assert all(abs(n / base_count - 1) < 0.02 for n in counts.values()), counts
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("swiglu,size=huge", r"size='huge' is not a size preset"),
+    ("swiglu,colour=red", r"unknown keys \['colour'\]"),
+])
+def test_bad_config_args(arg, message):
+    with pytest.raises(ValueError, match=message):
+        base.get_config(arg)
+
+
+def test_unknown_compare_preset():
+    with pytest.raises(ValueError, match=r"'laptop' is not a compare preset"):
+        compare.get_config("laptop")
