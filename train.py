@@ -2,6 +2,14 @@
 
     python train.py --config=configs/base.py:swiglu --workdir=runs/swiglu
     python train.py --config=configs/compare.py:cpu --workdir=runs/compare
+
+Multi-host jobs run the same command in every process; the mesh and the ``distributed``
+block are flags too (docs/scaling.md), e.g. process ``i`` of two::
+
+    python train.py --config=configs/base.py:swiglu --workdir=/shared/run \
+        --config.mesh.shape.fsdp=-1 --config.mesh.shape.data=1 \
+        --config.distributed.coordinator_address=host0:1234 \
+        --config.distributed.num_processes=2 --config.distributed.process_id=$i
 """
 
 from absl import app, flags

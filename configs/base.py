@@ -1,13 +1,21 @@
 """Base config: one decoder-only LM with one FFN variant, trained on Shakespeare.
 
-The argument picks the FFN variant and a size preset, comma-separated, e.g.::
+The argument picks the FFN variant, a size preset and optionally a block preset,
+comma-separated, e.g.::
 
     python train.py --config=configs/base.py --workdir=runs/base
     python train.py --config=configs/base.py:swiglu,size=small --workdir=runs/swiglu
     python train.py --config=configs/base.py:gelu,size=tiny --workdir=/tmp/tiny
+    python train.py --config=configs/base.py:original,size=tiny --workdir=/tmp/original
+    python train.py --config=configs/base.py:gelu,preset=original --workdir=runs/bert
 
 Sizes: ``tiny`` (tests, seconds), ``small`` (default; minutes on a 2-core CPU),
 ``medium`` (~20M parameters), ``gpu`` (~125M, GPT-2 small shape, bf16).
+
+Block presets: ``original`` is the 2017 Transformer / BERT block: post-norm LayerNorm,
+FFN biases, dropout 0.1, learned absolute positions (no rotary), ReLU unless a variant is
+given (``gelu,preset=original``); a bare ``original`` means ``relu,preset=original``.
+Without a preset the block is the modern one (pre-norm RMSNorm, rotary, no biases).
 """
 
 from __future__ import annotations
@@ -29,13 +37,24 @@ SIZES = {
 }
 
 
+# Block presets: ``config.model`` fields they set (see the module docstring).
+PRESETS = {
+    "original": dict(norm_position="post", norm="layer", positions="learned", ffn_bias=True,
+                     dropout=0.1),
+}
+PRESET_DEFAULT_VARIANT = {"original": "relu"}
+
+
 def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"swiglu,size=small"`` -> ``{"variant": "swiglu", "size": "small"}``."""
+    """``"swiglu,size=small"`` -> ``{"variant": "swiglu", "size": "small"}``; a bare preset
+    name (``"original"``) -> ``{"preset": "original"}``."""
     out: dict[str, str] = {}
     for part in filter(None, (arg or "").split(",")):
         key, sep, value = part.partition("=")
         if sep:
             out[key.strip()] = value.strip()
+        elif key.strip() in PRESETS:
+            out["preset"] = key.strip()
         else:
             out["variant"] = key.strip()
     return out
@@ -45,15 +64,19 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     """The full config for ``arg`` (see the module docstring)."""
     args = parse_arg(arg)
     size = args.pop("size", "small")
-    variant = args.pop("variant", "swiglu")
+    preset = args.pop("preset", None)
+    variant = args.pop("variant", PRESET_DEFAULT_VARIANT.get(preset, "swiglu"))
     if size not in SIZES:
         raise ValueError(f"config arg size={size!r} is not a size preset; use one of {list(SIZES)}")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"config arg preset={preset!r} is not a block preset; use one of "
+                         f"{list(PRESETS)}")
     if args:
-        raise ValueError(f"config arg: unknown keys {sorted(args)}; known: variant, size")
+        raise ValueError(f"config arg: unknown keys {sorted(args)}; known: variant, size, preset")
     s = SIZES[size]
 
     c = config_dict.ConfigDict()
-    c.name = f"{variant}-{size}"  # run name used by sweeps and reports
+    c.name = f"{preset}-{variant}-{size}" if preset else f"{variant}-{size}"  # run name
     c.seed = 0  # seeds parameter init, dropout and the data order
 
     # ---- model ------------------------------------------------------------------------
@@ -71,6 +94,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     m.ffn_bias = False  # biases b1/b3/b2 in the FFN
     m.dropout = 0.0  # dropout on FFN hidden, attention output and residual branches
     m.norm = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
+    m.norm_position = "pre"  # "pre": x + f(norm(x)), final norm; "post": norm(x + f(x)), none
+    m.positions = "rope"  # "rope" (rotary in attention) or "learned" (absolute, added to input)
+    m.max_seq_len = s["seq_len"]  # rows of the learned position table; >= data.seq_len
     m.tie_embeddings = True  # output projection = input embedding transposed
     m.rope_theta = 10000.0  # rotary embedding base
     m.dtype = "float32" if size != "gpu" else "bfloat16"  # compute dtype; params stay float32
@@ -142,8 +168,18 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     mesh.shape = config_dict.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     mesh.rules = [list(r) if isinstance(r, tuple) else r for r in _default_rules()]
 
+    # ---- multi-host (docs/scaling.md) -------------------------------------------------
+    dist = c.distributed = config_dict.ConfigDict()
+    dist.initialize = "auto"  # jax.distributed.initialize: "auto" (on a cluster), "always", "never"
+    dist.coordinator_address = ""  # host:port of process 0, the same on every process; "" = detect
+    dist.num_processes = 0  # processes in the job; 0 = detect
+    dist.process_id = -1  # this process's index in [0, num_processes); -1 = detect
+    dist.timeout_s = 300  # seconds to wait for the coordinator and every process, then exit
+
     if size == "tiny":
         t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 10, 50, 4, 50
+    for field, value in PRESETS.get(preset, {}).items():
+        m[field] = value
     return c
 
 

@@ -16,6 +16,8 @@ Dense variants are parameter-matched by the d_ff rule (gated variants get 2/3 wi
 MoE presets are matched in *active* parameters and FLOPs per token to the dense SwiGLU:
 ``moe_top1`` routes each token to 1 of 8 experts of full width (Switch), ``moe_fine`` to
 2 of 16 half-width experts (fine-grained, granularity 2); total parameters are reported.
+``original`` (add it with ``--config.sweep.variants=...,original``) is the 2017 block:
+post-norm LayerNorm, ReLU with biases, dropout 0.1, learned positions.
 """
 
 from __future__ import annotations
@@ -77,5 +79,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s = c.sweep = config_dict.ConfigDict()
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
     s.seeds = p["seeds"]  # seeds 0 .. n-1 (init and data order)
-    s.moe = config_dict.ConfigDict(MOE_PRESETS)  # MoE variants: model.moe fields + ffn
+    # Named variants beyond the registry: model / model.moe fields (MoE, the 2017 block).
+    s.presets = config_dict.ConfigDict(
+        {**MOE_PRESETS, "original": dict(ffn="relu", max_seq_len=p["seq_len"],
+                                         **base.PRESETS["original"])})
     return c

@@ -13,7 +13,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -116,7 +115,7 @@ class Checkpointer:
             return from_saveable(state, out["state"]), dict(out["meta"]), s
         raise RuntimeError(
             f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
-            "delete the directory or point --workdir elsewhere"
+            "resume with the process count that saved it, or point --workdir elsewhere"
         )
 
     def wait(self) -> None:
@@ -127,7 +126,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def host_scalar(x) -> float:
-    """A device scalar as a python float (one host sync)."""
-    return float(np.asarray(jax.device_get(x)))

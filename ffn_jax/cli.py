@@ -29,10 +29,12 @@ def _fail(message: str, code: int) -> None:
 def run_train(config: ConfigDict, workdir: str) -> None:
     """Train ``config`` (a single run, or every run of a sweep config) into ``workdir``."""
     _setup_logging()
-    from ffn_jax import sweep
+    from ffn_jax import distributed, sweep
     from ffn_jax.trainer import train_and_evaluate
 
     try:
+        if distributed.initialize(config.distributed):  # before anything touches jax devices
+            distributed.log_from_process_zero_only()
         if sweep.is_sweep(config):
             sweep.train_sweep(config, workdir)
         else:
@@ -40,9 +42,9 @@ def run_train(config: ConfigDict, workdir: str) -> None:
             print(json.dumps(result))
     except ConfigError as e:
         _fail(str(e).replace("\n", "\nerror: "), 2)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, distributed.DistributedInitError) as e:
         _fail(str(e), 2)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, RuntimeError) as e:  # RuntimeError: no restorable checkpoint
         _fail(str(e), 1)
 
 
@@ -64,4 +66,21 @@ def run_eval(workdir: str, *, step: int | None = None, sample_prompt: str | None
         else:
             print(json.dumps(evaluate_run(workdir, step), indent=2))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e), 2)
+
+
+def run_inspect(workdir: str, *, step: int | None = None, layers: str = "", neurons: int = 8,
+                contexts: int = 5, windows: int = 64, experts: bool | None = None) -> None:
+    """Write the key-value memory / expert specialisation report ``inspect.md`` of the run in
+    ``workdir`` (see ``ffn_jax.inspect``) and print its path."""
+    _setup_logging()
+    from ffn_jax.inspect import inspect_run
+
+    try:
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"--workdir={workdir} does not exist")
+        inspect_run(workdir, layers=layers, neurons=neurons, contexts=contexts,
+                    windows=windows, experts=experts, step=step)
+        print(os.path.join(workdir, "inspect.md"))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)

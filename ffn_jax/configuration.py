@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 from ffn_jax import data as data_lib
 from ffn_jax import optim, sharding
 from ffn_jax.ffn import VARIANTS
-from ffn_jax.model import dense_d_ff, model_problems
+from ffn_jax.model import LEGACY_DEFAULTS, dense_d_ff, model_problems, option
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,11 @@ def validate_config(config: ConfigDict, num_devices: int | None = None) -> list[
         shape = None  # reported by _mesh_problems
     p = model_problems(config.model, shape)
     p += data_lib.validate(config.data)
+    if (option(config.model, "positions") == "learned"
+            and config.data.seq_len > option(config.model, "max_seq_len")):
+        p.append(f"data.seq_len={config.data.seq_len} is longer than model.max_seq_len="
+                 f"{option(config.model, 'max_seq_len')} (learned positions); raise "
+                 "model.max_seq_len")
     p += _train_problems(config.train, config.data.batch_size)
     p += _mesh_problems(config, num_devices)
     return list(dict.fromkeys(p))
@@ -158,6 +163,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_diff(old: dict, new: dict) -> list[str]:
     """Fields that differ between two config dicts and matter for resuming."""
     a, b = _flatten(old), _flatten(json.loads(json.dumps(new)))
+    for field, default in LEGACY_DEFAULTS.items():  # configs written before the field existed
+        a.setdefault(f"model.{field}", default)
     keys = sorted(set(a) | set(b))
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys

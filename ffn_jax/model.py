@@ -8,6 +8,13 @@ Layers are grouped: a group is ``moe.every`` blocks whose last block holds the M
 (``every=1`` and no MoE: a group is one dense block). Groups are created stacked with
 ``nnx.vmap`` (leading ``layers`` axis) and applied with ``nnx.scan`` (or a python loop over
 the same stacked parameters when ``scan_layers=False``), optionally rematerialised.
+
+Two block formulations (``model.norm_position``): ``"pre"`` (the default, modern)
+``x + f(norm(x))`` with a final norm before the output projection, and ``"post"`` (the 2017
+Transformer / BERT) ``norm(x + f(x))`` with no final norm (the last block already ends in
+one). Positions (``model.positions``): rotary (``"rope"``, default) or a learned absolute
+``pos_embed`` table ``(max_seq_len, d_model)`` added to the token embedding (``"learned"``;
+rotary is then off).
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from ffn_jax.sharding import constrain, param
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layer")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("rope", "learned")
+# Fields added after runs were already written: a config.json without them means these.
+LEGACY_DEFAULTS = {"norm_position": "pre", "positions": "rope", "max_seq_len": 0}
 ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
 REMAT_POLICIES = {
     "none": None,
@@ -37,6 +48,12 @@ def get_dtype(name: str) -> jnp.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is not supported; use one of {list(DTYPES)}")
     return DTYPES[name]
+
+
+def option(cfg, field: str):
+    """``cfg.<field>`` for a field of ``LEGACY_DEFAULTS`` (its default if the config
+    predates it)."""
+    return cfg.get(field, LEGACY_DEFAULTS[field])
 
 
 def is_moe_layer(layer: int, cfg) -> bool:
@@ -93,13 +110,15 @@ def rotary(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Arra
 
 
 class Attention(nnx.Module):
-    """Causal multi-head attention with rotary embeddings and grouped-query heads."""
+    """Causal multi-head attention with grouped-query heads, rotary embeddings unless
+    ``model.positions="learned"``."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         d, n, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
         h = d // n
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.dtype, self.rope_theta = dtype, cfg.rope_theta
+        self.use_rotary = option(cfg, "positions") == "rope"
         self.impl = ATTENTION_IMPLS[cfg.attention]
         init = ffn_lib.kernel_init(d)
         self.wq = nnx.Param(param(init, ("embed", "heads", "kv"))(rngs.params(), (d, n, h)))
@@ -113,16 +132,19 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(self.dtype))
         k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(self.dtype))
         v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(self.dtype))
+        if self.use_rotary:
+            q = rotary(q, positions_bt, self.rope_theta)
+            k = rotary(k, positions_bt, self.rope_theta)
         names = ("batch", "length", "act_heads", None)
-        q = constrain(rotary(q, positions_bt, self.rope_theta), names)
-        k = constrain(rotary(k, positions_bt, self.rope_theta), names)
+        q, k = constrain(q, names), constrain(k, names)
         v = constrain(v, names)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
         return jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(self.dtype))
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+    """Residual block. Pre-norm: ``x + attn(norm1(x))`` then ``x + ffn(norm2(x))``;
+    post-norm: ``norm1(x + attn(x))`` then ``norm2(x + ffn(x))``. Dropout on each branch."""
 
     def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
         dtype = get_dtype(cfg.dtype)
@@ -143,17 +165,31 @@ class Block(nnx.Module):
                 dropout=cfg.dropout, dtype=dtype, out_scale=out_scale, rngs=rngs,
             )
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
+        self.post_norm = option(cfg, "norm_position") == "post"
 
-    def _residual(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def _residual(self, norm: Norm, x: jax.Array, y: jax.Array) -> jax.Array:
+        """``x + drop(y)``, normalised by ``norm`` in post-norm."""
         if self.drop is not None:
             y = self.drop(y)
-        return constrain(x + y.astype(x.dtype), ("batch", "length", "act_embed"))
+        x = x + y.astype(x.dtype)
+        if self.post_norm:
+            x = norm(x)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def attend(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """The attention sub-layer with its residual: ``(b, t, d) -> (b, t, d)``."""
+        h = x_btd if self.post_norm else self.norm1(x_btd)
+        return self._residual(self.norm1, x_btd, self.attn(h, positions_bt))
+
+    def ffn_input(self, x_btd: jax.Array) -> jax.Array:
+        """What the FFN sees given the attention sub-layer's output ``(b, t, d)``."""
+        return x_btd if self.post_norm else self.norm2(x_btd)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
-        x = self._residual(x_btd, self.attn(self.norm1(x_btd), positions_bt))
-        out = self.ffn(self.norm2(x))
+        x = self.attend(x_btd, positions_bt)
+        out = self.ffn(self.ffn_input(x))
         y, aux = out if isinstance(out, tuple) else (out, {})
-        return self._residual(x, y), aux
+        return self._residual(self.norm2, x, y), aux
 
 
 class LayerGroup(nnx.Module):
@@ -177,6 +213,7 @@ class LM(nnx.Module):
     """Decoder-only LM. ``tokens (b, t) int -> (logits (b, t, v) float32, aux)``.
 
     ``aux`` holds the MoE layers' per-layer metrics stacked over groups (empty if dense).
+    Post-norm models have no ``final_norm``; learned positions add ``pos_embed``.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -198,7 +235,14 @@ class LM(nnx.Module):
             return LayerGroup(cfg, rngs=rngs)
 
         self.layers = make_groups(rngs)
-        self.final_norm = Norm(d, cfg.norm)
+        self.final_norm = None if option(cfg, "norm_position") == "post" else Norm(d, cfg.norm)
+        # Learned positions start at the RMS of the 2017 sinusoid table (1/sqrt(2)), beside
+        # token embeddings of RMS 1 after the sqrt(d) scale.
+        pos_init = param(nnx.initializers.normal(1.0 / math.sqrt(2)), (None, "embed"))
+        self.pos_embed = (
+            nnx.Param(pos_init(rngs.params(), (cfg.max_seq_len, d)))
+            if option(cfg, "positions") == "learned" else None
+        )
         self.remat_policy = cfg.remat
         self.scan_layers = cfg.scan_layers
 
@@ -225,19 +269,35 @@ class LM(nnx.Module):
         nnx.update(self.layers, jax.tree.map(lambda *a: jnp.stack(a), *states))
         return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else {}
 
-    def __call__(self, tokens_bt: jax.Array) -> tuple[jax.Array, dict]:
+    def embed_tokens(self, tokens_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The residual stream's input ``(b, t, d)`` and the positions ``(b, t)``."""
         b, t = tokens_bt.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        emb_vd = self.embed[...]
-        x = jnp.take(emb_vd, tokens_bt, axis=0) * math.sqrt(self.d_model)
-        x = constrain(x.astype(self.dtype), ("batch", "length", "act_embed"))
+        x = jnp.take(self.embed[...], tokens_bt, axis=0) * math.sqrt(self.d_model)
+        if self.pos_embed is not None:
+            if t > self.pos_embed.shape[0]:
+                raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len="
+                                 f"{self.pos_embed.shape[0]} (learned positions); raise "
+                                 "model.max_seq_len or shorten data.seq_len")
+            x = x + self.pos_embed[:t]
+        return constrain(x.astype(self.dtype), ("batch", "length", "act_embed")), positions
+
+    def output_embedding(self) -> jax.Array:
+        """The output projection ``(d, v)``: the embedding transposed when tied."""
+        return self.embed[...].T if self.unembed is None else self.unembed[...]
+
+    def head(self, x_btd: jax.Array) -> jax.Array:
+        """Final norm (pre-norm only) and output projection: float32 logits ``(b, t, v)``."""
+        if self.final_norm is not None:
+            x_btd = self.final_norm(x_btd)
+        logits = jnp.einsum("btd,dv->btv", x_btd, self.output_embedding().astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def __call__(self, tokens_bt: jax.Array) -> tuple[jax.Array, dict]:
+        x, positions = self.embed_tokens(tokens_bt)
         x, aux = self._apply_layers(x, positions)
-        x = self.final_norm(x)
-        w_dv = emb_vd.T if self.unembed is None else self.unembed[...]
-        logits = jnp.einsum(
-            "btd,dv->btv", x, w_dv.astype(self.dtype), preferred_element_type=jnp.float32
-        )
-        return constrain(logits, ("batch", "length", "act_vocab")), aux
+        return self.head(x), aux
 
 
 def validate_model(cfg) -> None:
@@ -257,6 +317,15 @@ def model_problems(cfg, mesh_shape: dict | None = None) -> list[str]:
         p.append(f"model.dtype={cfg.dtype!r} is not supported; use one of {list(DTYPES)}")
     if cfg.norm not in NORMS:
         p.append(f"model.norm={cfg.norm!r} is not supported; use one of {list(NORMS)}")
+    if option(cfg, "norm_position") not in NORM_POSITIONS:
+        p.append(f"model.norm_position={cfg.norm_position!r} is not supported; use one of "
+                 f"{list(NORM_POSITIONS)}")
+    positions = option(cfg, "positions")
+    if positions not in POSITIONS:
+        p.append(f"model.positions={positions!r} is not supported; use one of {list(POSITIONS)}")
+    if positions == "learned" and option(cfg, "max_seq_len") <= 0:
+        p.append(f"model.max_seq_len={option(cfg, 'max_seq_len')} must be positive with "
+                 "learned positions; set it to at least data.seq_len")
     if cfg.remat not in REMAT_POLICIES:
         p.append(f"model.remat={cfg.remat!r} is not supported; use one of {list(REMAT_POLICIES)}")
     if cfg.attention not in ATTENTION_IMPLS:
@@ -272,7 +341,7 @@ def model_problems(cfg, mesh_shape: dict | None = None) -> list[str]:
     if cfg.n_heads > 0 and cfg.d_model % cfg.n_heads:
         p.append(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}; "
                  "pick a head count that divides it")
-    elif cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
+    elif positions == "rope" and cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
         p.append(f"model.d_model/n_heads={cfg.d_model // cfg.n_heads} must be even for rotary "
                  "embeddings; change model.n_heads")
     if cfg.n_kv_heads > 0 and cfg.n_heads % cfg.n_kv_heads:

@@ -2,9 +2,9 @@
 
 A sweep config is a base config plus a ``sweep`` block:
 
-    sweep.variants   comma-separated names: dense variants of the FFN registry, or MoE
-                     presets named in ``sweep.moe`` (each a dict of ``model.moe`` fields plus
-                     ``ffn``, the expert variant)
+    sweep.variants   comma-separated names: dense variants of the FFN registry, or presets
+                     named in ``sweep.presets`` (each a dict of ``config.model`` and
+                     ``config.model.moe`` fields, e.g. an MoE or the 2017 post-norm block)
     sweep.seeds      number of seeds (0 .. n-1); seed s fixes init *and* data order, so every
                      variant sees the same batches for the same seed
 
@@ -45,7 +45,7 @@ def is_sweep_dir(workdir: str) -> bool:
 def variant_names(config: ConfigDict) -> list[str]:
     """The sweep's variant names, checked against the registry and the MoE presets."""
     names = [v.strip() for v in config.sweep.variants.split(",") if v.strip()]
-    valid = [n for n in VARIANTS] + list(config.sweep.moe.keys())
+    valid = list(VARIANTS) + list(config.sweep.presets.keys())
     bad = [n for n in names if n not in valid]
     if bad:
         raise ConfigError(
@@ -70,21 +70,27 @@ def run_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
     for seed in range(config.sweep.seeds):
         for name in names:
             c = ConfigDict(json.loads(json.dumps(base)))
-            if name in config.sweep.moe:
-                preset = dict(config.sweep.moe[name])
-                c.model.ffn = preset.pop("ffn", c.model.ffn)
-                for k, v in preset.items():
-                    if k not in c.model.moe:
-                        raise ConfigError(f"sweep.moe.{name}.{k}: unknown model.moe field; "
-                                          f"known: {sorted(c.model.moe.keys())}")
-                    c.model.moe[k] = v
+            c.model.moe.num_experts = 0
+            if name in config.sweep.presets:
+                _apply_preset(c, name, dict(config.sweep.presets[name]))
             else:
                 c.model.ffn = name
-                c.model.moe.num_experts = 0
             c.seed = seed
             c.name = f"{name}-s{seed}"
             out.append((c.name, c))
     return out
+
+
+def _apply_preset(c: ConfigDict, name: str, preset: dict) -> None:
+    """Set each preset field on ``c.model.moe`` if it is an MoE field, else on ``c.model``."""
+    for k, v in preset.items():
+        if k in c.model.moe:
+            c.model.moe[k] = v
+        elif k in c.model:
+            c.model[k] = v
+        else:
+            raise ConfigError(f"sweep.presets.{name}.{k}: not a model or model.moe field; "
+                              "fix the preset in the sweep config")
 
 
 def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from ffn_jax import data as data_lib
-from ffn_jax import sharding
+from ffn_jax import memory, sharding
 from ffn_jax.checkpoint import Checkpointer
 from ffn_jax.configuration import (
     ConfigError,
@@ -113,7 +113,9 @@ def make_train_step(graphdef: nnx.GraphDef, config: ConfigDict):
         gdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss_fn(params, rest, tok):
-            m = nnx.merge(gdef, params, rest)
+            # Fresh Variable objects for this trace: RNG counts (dropout, jitter) are updated
+            # inside nnx.scan, which rejects Variables created at the outer trace level.
+            m = nnx.merge(gdef, params, jax.tree.map(lambda x: x, rest))
             loss, metrics = _loss(m, tok, t, moe_cfg)
             return loss, (metrics, nnx.state(m, nnx.Not(nnx.Param)))
 
@@ -147,6 +149,29 @@ def _summarise(window: list[dict]) -> dict:
         v = np.mean(np.stack([np.asarray(w[k]) for w in window]), axis=0)
         out[k] = float(v) if np.ndim(v) == 0 else v.tolist()
     return out
+
+
+class _Profiler:
+    """Writes a ``jax.profiler`` trace of steps ``start+1 .. stop`` (``"start:stop"``) to
+    ``directory`` (view it with TensorBoard's profile plugin or Perfetto); process 0 only."""
+
+    def __init__(self, steps: str, directory: str):
+        self.start, self.stop = (int(x) for x in steps.split(":")) if steps else (-1, -1)
+        self.directory = directory
+        self.active = False
+
+    def maybe_start(self, step: int) -> None:
+        if step == self.start and jax.process_index() == 0:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def maybe_stop(self, step: int, last_output: jax.Array) -> None:
+        if self.active and step >= self.stop:
+            jax.block_until_ready(last_output)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d..%d written to %s", self.start + 1, step,
+                     self.directory)
 
 
 class _Preemption:
@@ -214,6 +239,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         t0 = time.perf_counter()
         train_step = jitted.lower(state, abstract_batch).compile()
         compile_s = time.perf_counter() - t0
+        mem_estimate, mem_compiled = memory.log_memory(config, state, rs.mesh, rs.rules, train_step)
         eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -224,6 +250,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         "n_params": rs.n_params, "flops_per_token": fpt, "compile_s": compile_s,
         "peak_flops_per_device": peak, "peak_source": peak_source,
         "devices": jax.device_count(), "mesh": dict(rs.mesh.shape),
+        "memory_estimate": mem_estimate, "memory_compiled": mem_compiled,
     }
     log.info("run %s: %s", config.name, json.dumps(summary))
     if step == 0:
@@ -233,11 +260,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     bar = progress_bar(t.steps, step, config.name)
     window: list = []
     inflight: collections.deque = collections.deque()
+    profiler = _Profiler(t.profile_steps, os.path.join(workdir, "profile"))
     last_eval: dict = {}
     t_start = t_window = time.perf_counter()
     try:
         with _Preemption() as pre, jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
             while step < t.steps:
+                profiler.maybe_start(step)
                 batch = data_lib.to_global(next(train_iter), rs.mesh, rs.batch_sharding.spec)
                 state, metrics = train_step(state, batch)
                 inflight.append(metrics["loss"])
@@ -246,6 +275,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                     # bounded number of steps (XLA:CPU collectives can deadlock otherwise).
                     jax.block_until_ready(inflight.popleft())
                 step += 1
+                profiler.maybe_stop(step, metrics["loss"])
                 tokens_seen += tokens_per_step
                 window.append(metrics)
                 bar.update(1)

@@ -56,3 +56,20 @@ def test_bad_config_args(arg, message):
 def test_unknown_compare_preset():
     with pytest.raises(ValueError, match=r"'laptop' is not a compare preset"):
         compare.get_config("laptop")
+
+
+def test_original_block_is_a_compare_row():
+    c = compare.get_config("cpu")
+    c.sweep.variants = "relu,original"
+    runs = dict(run_configs(c))
+    orig = runs["original-s0"].model
+    assert (orig.norm_position, orig.positions, orig.norm, orig.ffn) == (
+        "post", "learned", "layer", "relu")
+    assert orig.ffn_bias and orig.dropout == 0.1
+    assert runs["relu-s0"].model.norm_position == "pre"
+    _builds(runs["original-s0"])
+
+
+@pytest.mark.parametrize("arg", ["original", "original,size=tiny", "gelu,preset=original"])
+def test_original_base_preset_builds(arg):
+    _builds(base.get_config(arg))

@@ -10,8 +10,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from configs.base import get_config
-from ffn_jax import sharding
-from ffn_jax.model import LM, count_params, model_problems
+from ffn_jax import data, sharding
+from ffn_jax.model import LM, Block, count_params, model_problems
+from ffn_jax.optim import make_optimizer
 
 
 def tiny_model_cfg(**overrides) -> ConfigDict:
@@ -138,6 +139,9 @@ def test_sharded_equals_single_device(shape):
         (dict(dtype="float16"), r"model.dtype='float16' is not supported"),
         (dict(n_kv_heads=3), r"model.n_heads=4 is not divisible by model.n_kv_heads=3"),
         (dict(remat="some"), r"model.remat='some' is not supported"),
+        (dict(norm_position="middle"), r"model.norm_position='middle' is not supported"),
+        (dict(positions="alibi"), r"model.positions='alibi' is not supported"),
+        (dict(positions="learned", max_seq_len=0), r"model.max_seq_len=0 must be positive"),
     ],
 )
 def test_bad_model_config(overrides, message):
@@ -146,3 +150,94 @@ def test_bad_model_config(overrides, message):
     assert len(problems) == 1 and re.search(message, problems[0]), problems
     with pytest.raises(ValueError, match=message):
         LM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_post_norm_block_ends_in_its_norm(norm):
+    """Post-norm: every output row of a block is normalised (LayerNorm at init: mean 0,
+    variance 1; RMSNorm: mean square 1). Pre-norm passes the residual stream through."""
+    x = 3.0 * jax.random.normal(jax.random.key(1), (2, 16, 64)) + 1.0
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    post = Block(tiny_model_cfg(norm=norm, norm_position="post"), moe=False, rngs=nnx.Rngs(0))
+    pre = Block(tiny_model_cfg(norm=norm), moe=False, rngs=nnx.Rngs(0))
+    y_post, _ = post(x, positions)
+    y_pre, _ = pre(x, positions)
+    ms_post = jnp.mean(jnp.square(y_post - (y_post.mean(-1, keepdims=True) if norm == "layer"
+                                            else 0)), -1)
+    np.testing.assert_allclose(ms_post, 1.0, rtol=1e-4)
+    if norm == "layer":
+        np.testing.assert_allclose(y_post.mean(-1), 0.0, atol=1e-5)
+    assert float(jnp.abs(y_pre.var(-1) - 1.0).min()) > 1.0  # ~ the input's variance, 9
+
+
+def test_original_preset_model():
+    cfg = get_config("original,size=tiny").model
+    cfg.vocab_size = 97
+    m = LM(cfg, rngs=nnx.Rngs(0))
+    params = nnx.state(m, nnx.Param).to_pure_dict()
+    assert "final_norm" not in params and params["pos_embed"].shape == (64, 64)
+    assert m.pos_embed.get_metadata()["out_sharding"] == (None, "embed")
+    ffn = params["layers"]["blocks"][0]["ffn"]
+    assert set(ffn) == {"w1", "b1", "w2", "b2"} and "bias" in params["layers"]["blocks"][0][
+        "norm1"]
+    with pytest.raises(ValueError, match=r"longer than model.max_seq_len=64"):
+        m(tokens(1, 65))
+
+
+def test_legacy_config_without_new_fields_is_pre_norm_rope():
+    """A config.json written before norm_position/positions/max_seq_len existed."""
+    old = tiny_model_cfg().to_dict()
+    for field in ("norm_position", "positions", "max_seq_len"):
+        del old[field]
+    legacy = LM(ConfigDict(old), rngs=nnx.Rngs(0))
+    current = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
+    toks = tokens()
+    np.testing.assert_array_equal(legacy(toks)[0], current(toks)[0])
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("original", dict(name="original-relu-small", ffn="relu")),
+    ("gelu,preset=original,size=tiny", dict(name="original-gelu-tiny", ffn="gelu")),
+])
+def test_original_preset_config(arg, expected):
+    c = get_config(arg)
+    m = c.model
+    assert (c.name, m.ffn) == (expected["name"], expected["ffn"])
+    assert (m.norm_position, m.norm, m.positions, m.ffn_bias, m.dropout) == (
+        "post", "layer", "learned", True, 0.1)
+    assert m.max_seq_len == c.data.seq_len and m.tie_embeddings
+    default = get_config("swiglu,size=tiny").model
+    assert (default.norm_position, default.positions) == ("pre", "rope")
+    with pytest.raises(ValueError, match=r"preset='modern' is not a block preset"):
+        get_config("preset=modern")
+
+
+def test_original_preset_trains_with_dropout():
+    """The 2017 block, dropout 0.1 on, learns Shakespeare bytes: the loss falls."""
+    c = get_config("original,size=tiny")
+    c.model.vocab_size = 384
+    c.train.warmup_steps = 5
+    train = np.asarray(data.prepare(c.data).splits["train"].tokens[: 64 * 65 * 8], np.int32)
+    batches = train.reshape(8, 64, 65)
+    model = LM(c.model, rngs=nnx.Rngs(params=0, dropout=1))
+    opt = nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, toks):
+        def loss_fn(m):
+            logits, _ = m(toks[:, :-1])
+            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+                logits, toks[:, 1:, None], -1)[..., 0]
+            return nll.mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    model.train()
+    losses = [float(step(model, opt, jnp.asarray(batches[i % 8]))) for i in range(40)]
+    assert np.mean(losses[-5:]) < losses[0] - 2.0, losses
+    model.eval()
+    a = jnp.asarray(batches[0, :2, :-1])
+    b = a.at[:, 40:].set(0)
+    np.testing.assert_allclose(model(a)[0][:, :40], model(b)[0][:, :40], atol=1e-5)  # causal

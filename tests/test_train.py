@@ -243,3 +243,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert kept == bad - 1
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps[-1] == kept
+
+
+def test_profile_window_writes_a_trace(tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(tiny(**{"train.steps": 6, "train.warmup_steps": 1, "train.eval_every": 0,
+                               "train.profile_steps": "2:4", "train.final_eval": False}),
+                       workdir)
+    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files
+              if f.endswith((".xplane.pb", ".trace.json.gz"))]
+    assert traces
+
+
+def test_dropout_trains_through_the_trainer(tmp_path):
+    result = train_and_evaluate(tiny(**{"model.dropout": 0.1, "train.steps": 12,
+                                        "train.warmup_steps": 2, "train.eval_every": 0,
+                                        "train.final_eval": False}), str(tmp_path / "run"))
+    rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert result["step"] == 12 and rows[-1]["loss"] < rows[0]["loss"]

@@ -1,0 +1,132 @@
+"""Writing the inspection as ``inspect.md`` (markdown) and the expert-load heatmap PNG."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from ffn_jax.inspect.collect import Context, Decode, ExpertTokens, Inspection, Neuron
+from ffn_jax.model import dense_d_ff, is_moe_layer, option
+
+REPORT = "inspect.md"
+HEATMAP = "inspect_expert_load.png"
+MIN_OCCURRENCES = 5  # a token must occur this often to be ranked by share
+TOP_TOKENS = 8  # tokens listed per expert
+
+
+def escape(text: str, cell: bool = False) -> str:
+    """Control characters as ``\\n``-style escapes (and ``|`` for a table cell)."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    text = text.replace("\t", "\\t")
+    return text.replace("|", "\\|") if cell else text
+
+
+def code(text: str, cell: bool = False) -> str:
+    """``text`` escaped as an inline code span (spaces kept visible at the edges)."""
+    return f"`` {escape(text, cell)} ``"
+
+
+def context_line(c: Context) -> str:
+    """One context: activation, place and the text with the trigger marked ``[[tok]]``."""
+    return (f"- {c.activation:.3f} (window {c.window}, position {c.position}): "
+            f"{code(f'{c.left}[[{c.token}]]{c.right}')}")
+
+
+def neuron_section(n: Neuron, decode: Decode) -> list[str]:
+    """Markdown lines for one neuron: its top contexts and promoted tokens."""
+    promoted = ", ".join(f"{code(decode(np.array([i])))} {v:+.2f}" for i, v in n.promoted)
+    return [f"#### Layer {n.layer}, neuron {n.index} (max activation {n.max_activation:.3f})",
+            "", *map(context_line, n.contexts), "", f"Promotes: {promoted}", ""]
+
+
+def expert_rows(e: ExpertTokens, decode: Decode) -> list[str]:
+    """Table rows (one per expert): load, top tokens by count and by share."""
+    load_e = e.counts.sum(1) / max(e.routed, 1)
+    seen = e.occurrences >= MIN_OCCURRENCES
+    share_ev = np.where(seen, e.counts / np.maximum(e.occurrences, 1), 0.0)
+    rows = []
+    for x, counts_v in enumerate(e.counts):
+        by_count = [i for i in np.argsort(-counts_v, kind="stable")[:TOP_TOKENS] if counts_v[i]]
+        by_share = [i for i in np.lexsort((-counts_v, -share_ev[x]))[:TOP_TOKENS]
+                    if share_ev[x, i] > 0]  # ties in share: the more frequent token first
+        count_cell = ", ".join(f"{code(decode(np.array([i])), True)} {counts_v[i]}"
+                               for i in by_count)
+        share_cell = ", ".join(f"{code(decode(np.array([i])), True)} {share_ev[x, i]:.0%} of "
+                               f"{e.occurrences[i]}" for i in by_share)
+        rows.append(f"| {x} | {load_e[x]:.1%} | {count_cell} | {share_cell} |")
+    return rows
+
+
+def expert_section(e: ExpertTokens, decode: Decode) -> list[str]:
+    """Markdown lines for one MoE layer's expert table."""
+    return [f"### Layer {e.layer}", "", f"{e.routed:,} routed assignments.", "",
+            "| expert | load | most received (count) | most specialised (share of the "
+            f"token's occurrences, >= {MIN_OCCURRENCES}) |", "| --- | --- | --- | --- |",
+            *expert_rows(e, decode), ""]
+
+
+def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
+    """Expert load (share of each layer's assignments) per MoE layer, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(experts)
+    load_le = np.stack([experts[i].counts.sum(1) / max(experts[i].routed, 1) for i in layers])
+    n_layers, n_experts = load_le.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * n_experts), 1.6 + 0.5 * n_layers))
+    im = ax.imshow(load_le, cmap="viridis", aspect="auto", vmin=0)
+    if n_experts <= 32:
+        for (r, c), v in np.ndenumerate(load_le):
+            ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=7,
+                    color="k" if v > 0.6 * load_le.max() else "w")  # readable on viridis
+    ax.set_xticks(range(n_experts))
+    ax.set_yticks(range(n_layers), [f"layer {i}" for i in layers])
+    ax.set_xlabel("expert")
+    ax.set_title("Expert load (share of routed assignments)", fontsize=10)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def header(config: ConfigDict, found: Inspection, layers: list[int]) -> list[str]:
+    """Title and the settings the numbers depend on."""
+    m, t = config.model, config.data.seq_len
+    return [f"# Inside the FFN: {config.name}, step {found.step}", "",
+            f"{found.tokens:,} validation tokens (the first {found.tokens // t} windows of {t}); "
+            f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {dense_d_ff(m)}, "
+            f"{option(m, 'norm_position')}-norm. See `ffn_jax/inspect/__init__.py` for the "
+            "definitions.", ""]
+
+
+def write_report(workdir: str, config: ConfigDict, found: Inspection, layers: list[int],
+                 decode: Decode) -> str:
+    """Write ``inspect.md`` (and the heatmap for MoE layers) into ``workdir``; returns its
+    path."""
+    lines = header(config, found, layers)
+    if found.neurons:
+        lines += ["## Key-value memories", "",
+                  "Neurons with the highest activation; each with its top-activating contexts "
+                  "(trigger token `[[marked]]`) and the tokens its `w2` row promotes through "
+                  "the output embedding.", ""]
+        for i in layers:
+            if is_moe_layer(i, config.model):
+                lines += [f"### Layer {i}: MoE (experts, below)", ""]
+            elif i in found.neurons:
+                lines += [f"### Layer {i}", ""]
+                for n in found.neurons[i]:
+                    lines += neuron_section(n, decode)
+    if found.experts:
+        heatmap(os.path.join(workdir, HEATMAP), found.experts)
+        lines += ["## Expert specialisation", "", f"![expert load per layer]({HEATMAP})", ""]
+        for i in sorted(found.experts):
+            lines += expert_section(found.experts[i], decode)
+    path = os.path.join(workdir, REPORT)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path

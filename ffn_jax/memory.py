@@ -1,0 +1,157 @@
+"""Device memory of a training step: an estimate per device from the config and the mesh,
+and XLA's memory analysis of the compiled step to compare it with.
+
+The estimate (bytes per device) has four parts:
+
+* ``params`` and ``optimizer``: exact, the per-device shard of every leaf of the model and
+  optimiser state (their shardings come from the logical rules);
+* ``gradients``: one more copy of the parameter shards (two with ``train.grad_accum > 1``:
+  the accumulator and the micro-batch's gradients);
+* ``activations``: what the backward pass keeps, per token of the device's micro-batch,
+  summed over layers for the kinds of tensors the remat policy saves (see
+  :data:`SAVED_BY_POLICY`), plus one layer's full working set and the float32 logits.
+
+The activation part is a model of what XLA does, not a measurement: compare it with
+``compiled.memory_analysis()`` (printed side by side at the start of a run) before trusting
+it for a config that does not fit yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+
+from ffn_jax.ffn import get_variant
+from ffn_jax.model import dense_d_ff, get_dtype, is_moe_layer
+from ffn_jax.moe.settings import MoESettings
+
+log = logging.getLogger(__name__)
+
+# The kinds of per-layer activations each remat policy keeps for the backward pass:
+# stream: the residual stream; matmul: outputs of the weight matmuls; attention: the
+# (length x length) scores and probabilities; elementwise: norms, rotary, FFN activations.
+SAVED_BY_POLICY = {
+    "none": ("stream", "matmul", "attention", "elementwise"),
+    "dots": ("stream", "matmul", "attention"),
+    "dots_no_batch": ("stream", "matmul"),
+    "full": ("stream",),
+}
+LOGIT_COPIES = 3  # float32 logits, their softmax and its gradient are live at once
+GIB = 2**30
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of arrays (or ShapeDtypeStructs) with shardings."""
+
+    def one(x) -> int:
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+    leaves = jax.tree.leaves(tree)
+    return sum(one(x) for x in leaves if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def _ways(logical: str, mesh: jax.sharding.Mesh, rules) -> int:
+    """How many ways the rules split the logical axis ``logical`` on ``mesh``."""
+    target = dict(rules).get(logical)
+    axes = () if target is None else (target,) if isinstance(target, str) else target
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _ffn_parts(m, layer: int, tp: int) -> dict[str, float]:
+    """Elements per token of one FFN's saved activations (matmul / elementwise)."""
+    d = m.d_model
+    gated = get_variant(m.ffn).gated
+    if not is_moe_layer(layer, m):
+        f = dense_d_ff(m) / tp
+        return {"matmul": (2 * f if gated else f) + d, "elementwise": (2 * f if gated else f)}
+    s = MoESettings.from_config(m.moe, dense_d_ff(m))
+    slots = s.capacity_factor * s.top_k if s.dispatch == "capacity" else s.top_k
+    f = s.expert_width  # experts are not tensor-parallel inside the shard_map
+    per_slot = (2 * f if gated else f) + d  # expert hidden + the slot's input row
+    return {
+        "matmul": slots * per_slot + 2 * s.top_k * d + s.num_experts,  # + combine, router
+        "elementwise": 2 * s.top_k * d + s.num_experts,  # weighted outputs, router probs
+    }
+
+
+def layer_bytes(m, layer: int, seq_len: int, mesh: jax.sharding.Mesh, rules) -> dict:
+    """Bytes per token of block ``layer``'s activations, by kind (see SAVED_BY_POLICY)."""
+    a = np.dtype(get_dtype(m.dtype)).itemsize
+    tp = _ways("act_heads", mesh, rules)
+    d, n, k = m.d_model, m.n_heads, m.n_kv_heads
+    h = d // n
+    ffn = _ffn_parts(m, layer, _ways("act_mlp", mesh, rules))
+    return {
+        "stream": 2 * d * a,
+        "matmul": a * ((2 * n + 2 * k) * h / tp + d + ffn["matmul"]),
+        "attention": n / tp * seq_len * (a + 4),  # scores in compute dtype, softmax float32
+        "elementwise": 2 * d * 4 + a * ((n + k) * h / tp + ffn["elementwise"]),
+    }
+
+
+def activation_bytes(config, mesh: jax.sharding.Mesh, rules) -> float:
+    """Estimated bytes per device of the activations of one (micro-)batch's backward pass."""
+    m, t = config.model, config.data.seq_len
+    rows = config.data.batch_size / config.train.grad_accum / _ways("batch", mesh, rules)
+    tokens = rows * t
+    saved = SAVED_BY_POLICY[m.remat]
+    per_layer = [layer_bytes(m, i, t, mesh, rules) for i in range(m.n_layers)]
+    kept = sum(sum(p[kind] for kind in saved) for p in per_layer)
+    working = max(sum(p.values()) for p in per_layer)  # the layer being differentiated
+    logits = LOGIT_COPIES * 4 * m.vocab_size / _ways("act_vocab", mesh, rules)
+    return tokens * (kept + working + logits)
+
+
+def estimate(config, state, mesh: jax.sharding.Mesh, rules) -> dict[str, int]:
+    """Estimated bytes per device of a train step: params, optimizer, gradients, activations.
+
+    ``state`` is the run's ``(model, optimizer)`` state (arrays or ShapeDtypeStructs carrying
+    their shardings); ``config.model.vocab_size`` must be set.
+    """
+    params, opt = shard_bytes(state[0]), shard_bytes(state[1])
+    out = {
+        "params": params,
+        "optimizer": opt,
+        "gradients": params * (2 if config.train.grad_accum > 1 else 1),
+        "activations": int(activation_bytes(config, mesh, rules)),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def compiled_bytes(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled step per device (None if the backend has none).
+
+    ``total`` = arguments + outputs - aliased (donated) + temporaries.
+    """
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    out = {
+        "arguments": int(stats.argument_size_in_bytes),
+        "outputs": int(stats.output_size_in_bytes),
+        "aliased": int(stats.alias_size_in_bytes),
+        "temp": int(stats.temp_size_in_bytes),
+    }
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    return out
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.1f} MiB" if x < GIB else f"{x / GIB:,.2f} GiB"
+
+
+def log_memory(config, state, mesh: jax.sharding.Mesh, rules, compiled):
+    """Log the estimate next to the compiled step's memory; return both (bytes per device)."""
+    est, xla = estimate(config, state, mesh, rules), compiled_bytes(compiled)
+    parts = ", ".join(f"{k} {_mib(v)}" for k, v in est.items() if k != "total")
+    line = f"memory per device: estimate {_mib(est['total'])} ({parts})"
+    if xla is not None:
+        line += (f"; compiled {_mib(xla['total'])} (state in {_mib(xla['arguments'])}, "
+                 f"temp {_mib(xla['temp'])}), estimate/compiled {est['total'] / xla['total']:.2f}")
+    log.info(line)
+    return est, xla
