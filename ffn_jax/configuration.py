@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -79,12 +78,9 @@ def _mesh_problems(config: ConfigDict, num_devices: int) -> list[str]:
         sizes = sharding.resolve_mesh_shape(dict(config.mesh.shape), num_devices)
     except ValueError as e:
         return [str(e)]
-    table = dict(rules)
 
     def ways(logical: str) -> int:
-        target = table.get(logical)
-        axes = () if target is None else (target,) if isinstance(target, str) else target
-        return math.prod(sizes[a] for a in axes)
+        return sharding.shard_count(logical, rules, sizes)
 
     p = []
     b = config.data.batch_size
@@ -119,12 +115,10 @@ def sharded_dim_problems(config: ConfigDict, ways) -> list[str]:
 
 def check_sharded_dims(config: ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Raise ConfigError if a model dimension does not divide its sharding (vocab included)."""
-    table = dict(sharding.rules_from_config(config.mesh))
+    rules = sharding.rules_from_config(config.mesh)
 
     def ways(logical: str) -> int:
-        target = table.get(logical)
-        axes = () if target is None else (target,) if isinstance(target, str) else target
-        return math.prod(mesh.shape[a] for a in axes)
+        return sharding.shard_count(logical, rules, mesh.shape)
 
     problems = sharded_dim_problems(config, ways)
     if problems:

@@ -196,13 +196,8 @@ def create_sharded(build, mesh: jax.sharding.Mesh, rules: Rules):
     return nnx.merge(graphdef, state)
 
 
-def check_divisible(dim: int, logical: str, field: str, mesh: jax.sharding.Mesh, rules: Rules):
-    """Raise ValueError if the mesh axes that ``logical`` maps to do not divide ``dim``."""
+def shard_count(logical: str, rules: Rules, mesh_shape: Mapping[str, int]) -> int:
+    """How many ways the mesh axes that ``logical`` maps to split an array dimension."""
     target = dict(rules).get(logical)
     axes = () if target is None else (target,) if isinstance(target, str) else target
-    size = math.prod(mesh.shape[a] for a in axes)
-    if dim % size:
-        raise ValueError(
-            f"{field}={dim} is not divisible by the {size}-way sharding of logical axis "
-            f"{logical!r} over mesh axes {axes}; change {field} or mesh.shape"
-        )
+    return math.prod(mesh_shape[a] for a in axes)

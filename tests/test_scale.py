@@ -21,6 +21,7 @@ from ffn_jax import distributed, memory, sharding, trainer
 from ffn_jax.checkpoint import Checkpointer
 from ffn_jax.configuration import ConfigError, load_config, validate_config
 from ffn_jax.metrics import read_metrics
+from tests.helpers import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -55,17 +56,6 @@ FFN_SPECS = {
         ("layers", "blocks", 0, "ffn", "w2"): P(None, "expert", "tensor", "fsdp"),
     },
 }
-
-
-def set_fields(config: ConfigDict, overrides: dict) -> ConfigDict:
-    """Set dotted ``overrides`` (``"train.steps": 5``) on ``config``."""
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def tiny(moe: bool = False, **shape) -> ConfigDict:

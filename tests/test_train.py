@@ -16,19 +16,13 @@ from ffn_jax import data
 from ffn_jax.configuration import ConfigError, validate_config
 from ffn_jax.metrics import read_metrics
 from ffn_jax.trainer import train_and_evaluate
+from tests.helpers import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**overrides):
-    c = get_config("swiglu,size=tiny")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_fields(get_config("swiglu,size=tiny"), overrides)
 
 
 def read_json(*parts):
