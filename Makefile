@@ -15,11 +15,14 @@ $(BIN)/python: pyproject.toml
 .PHONY: venv test test-fast lint compare train clean
 venv: $(BIN)/python
 
+# Huge-page malloc for XLA:CPU's per-step buffers (ffn_jax/host.py; train.py sets it itself).
+HUGEPAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+
 test: $(BIN)/python
-	$(BIN)/python -m pytest
+	$(HUGEPAGES) $(BIN)/python -m pytest
 
 test-fast: $(BIN)/python
-	$(BIN)/python -m pytest -m "not slow"
+	$(HUGEPAGES) $(BIN)/python -m pytest -m "not slow"
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .

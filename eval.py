@@ -7,9 +7,13 @@
                                                    # inspect.md: key-value memories, experts
 """
 
-from absl import app, flags
+from ffn_jax.host import use_hugepage_malloc
 
-from ffn_jax.cli import run_eval, run_inspect
+use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
+
+from absl import app, flags  # noqa: E402
+
+from ffn_jax.cli import run_eval, run_inspect  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A run directory or a sweep directory.", required=True)
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")

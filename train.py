@@ -12,10 +12,14 @@ block are flags too (docs/scaling.md), e.g. process ``i`` of two::
         --config.distributed.num_processes=2 --config.distributed.process_id=$i
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from ffn_jax.host import use_hugepage_malloc
 
-from ffn_jax.cli import run_train
+use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ffn_jax.cli import run_train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config file[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)

@@ -8,9 +8,11 @@ and MoE path, printed as one JSON line per measurement.
 Shapes: CPU d_model 512, 8 layers, seq 256, vocab 8192 (batch 8); GPU d_model 768,
 12 layers, 12 heads, seq 1024, vocab 32768 (GPT-2-small shape, ~125M params, batch 32).
 MFU = model FLOPs/token (ffn_jax.flops: 3 x forward, attention included) x tokens/s over
-the peak measured in this process just before (float32 matmul on CPU, bf16 on GPU, with
-the datasheet peak beside it). Memory is the compiled step's memory analysis (arguments +
-temporaries - aliased donations). ``--smoke`` shrinks every shape (for tests).
+the peak measured in this process just before each row (float32 matmul on CPU, bf16 on
+GPU, with the datasheet peak beside it). Step time is the median of ``--steps`` steps timed
+one by one (min and max beside it). The process first re-executes itself with huge-page
+malloc (ffn_jax/host.py), as train.py does. Memory is the compiled step's memory analysis
+(arguments + temporaries - aliased donations). ``--smoke`` shrinks every shape (for tests).
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ffn_jax.host import use_hugepage_malloc  # noqa: E402
+
+use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -85,11 +92,13 @@ def measure(config, steps: int, peak: float) -> dict:
         for _ in range(2):  # warm-up
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
-        t0 = time.perf_counter()
-        for _ in range(steps):
+        times = []
+        for _ in range(steps):  # each step timed alone: the median resists a noisy neighbour
+            t0 = time.perf_counter()
             state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        step_s = (time.perf_counter() - t0) / steps
+            jax.block_until_ready(metrics["loss"])
+            times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
     mem = compiled.memory_analysis()
     peak_mem = None
     if mem is not None:
@@ -97,7 +106,8 @@ def measure(config, steps: int, peak: float) -> dict:
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
     fpt = flops.flops_per_token(config.model, t)["train"]
     tps = b * t / step_s
-    return {"step_s": step_s, "tokens_per_s": tps, "mfu": fpt * tps / peak,
+    return {"step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
+            "steps_timed": steps, "tokens_per_s": tps, "mfu": fpt * tps / peak,
             "compile_s": compile_s, "memory_bytes": peak_mem, "flops_per_token": fpt,
             "params": rs.n_params, "loss": float(metrics["loss"])}
 
@@ -109,7 +119,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated dense variants and MoE paths (default: all)")
     ap.add_argument("--remat", default="none", help="comma-separated remat policies")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
     args = ap.parse_args()
     mode = args.mode or ("cpu" if jax.default_backend() == "cpu" else "gpu")
@@ -119,15 +129,17 @@ def main() -> None:
                 else [v for v in VARIANTS if v != "silu"] + list(MOE_PATHS))
     dev = jax.devices()[0]
     peak_dtype = jnp.float32 if mode == "cpu" else jnp.bfloat16
-    peak = flops.measure_matmul_peak(peak_dtype, n=256 if args.smoke else None)
-    print(json.dumps({"measurement": "matmul_peak", "device": dev.device_kind,
-                      "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": peak,
-                      "datasheet_bf16_flops_per_s": flops.datasheet_peak(dev)}), flush=True)
     for remat in args.remat.split(","):
         for variant in variants:
             if variant == "moe_dropless_ragged" and mode == "cpu" and not args.smoke:
                 continue  # ragged_dot is a masked dense dot on CPU (E x the FLOPs); GPU only
             config = make_config(mode, variant, remat, args.smoke)
+            # The MFU denominator: measured in this process just before each row.
+            peak = flops.measure_matmul_peak(peak_dtype, n=256 if args.smoke else None)
+            print(json.dumps({"measurement": "matmul_peak", "device": dev.device_kind,
+                              "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": peak,
+                              "datasheet_bf16_flops_per_s": flops.datasheet_peak(dev)}),
+                  flush=True)
             row = measure(config, args.steps, peak)
             print(json.dumps({"measurement": "train_step", "mode": mode, "variant": variant,
                               "remat": remat, "dtype": config.model.dtype,

@@ -55,11 +55,13 @@ def flops_per_token(model_cfg, seq_len: int) -> dict[str, float]:
     }
 
 
-def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10) -> float:
+def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10,
+                        warmup_s: float = 0.5) -> float:
     """Measured matmul throughput (FLOP/s) of the default device for ``dtype``.
 
-    The best of ``reps`` timed ``n x n`` matmuls, after a warm-up; ``n`` defaults to 1024 on
-    CPU and 8192 on accelerators.
+    The best of at least ``reps`` timed ``n x n`` matmuls, timed for at least ``warmup_s``
+    more, after ``warmup_s`` of untimed ones (a cold thread pool or clock otherwise gives a
+    low peak, i.e. an inflated MFU); ``n`` defaults to 1024 on CPU and 8192 on accelerators.
     """
     dev = jax.devices()[0]
     n = n or (1024 if dev.platform == "cpu" else 8192)
@@ -67,11 +69,14 @@ def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        mm(a, b).block_until_ready()
+    best, timed, start = float("inf"), 0, time.perf_counter()
+    while timed < reps or time.perf_counter() - start < warmup_s:
         t = time.perf_counter()
         mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
+        best, timed = min(best, time.perf_counter() - t), timed + 1
     return 2.0 * n**3 / best
 
 
@@ -94,4 +99,5 @@ def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
     if dev.platform != "cpu" and (peak := datasheet_peak(dev)):
         return peak, f"datasheet bf16 ({dev.device_kind})"
     dtype = jnp.bfloat16 if compute_dtype == "bfloat16" and dev.platform != "cpu" else jnp.float32
-    return measure_matmul_peak(dtype), f"measured {jnp.dtype(dtype).name} matmul ({dev.platform})"
+    peak = measure_matmul_peak(dtype, warmup_s=0.25)
+    return peak, f"measured {jnp.dtype(dtype).name} matmul ({dev.platform})"

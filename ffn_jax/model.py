@@ -290,8 +290,8 @@ class LM(nnx.Module):
         """Final norm (pre-norm only) and output projection: float32 logits ``(b, t, v)``."""
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
-        logits = jnp.einsum("btd,dv->btv", x_btd, self.output_embedding().astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = ffn_lib.token_matmul(x_btd, self.output_embedding().astype(self.dtype),
+                                      preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_bt: jax.Array) -> tuple[jax.Array, dict]:

@@ -37,11 +37,12 @@ def _plus_bias(h: jax.Array, w: Weights, name: str, index: jax.Array | None) -> 
 def dense_experts(x_ecd: jax.Array, w: Weights, act: Activation) -> jax.Array:
     """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)``."""
     dt = x_ecd.dtype
-    h = jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt))
-    h = act(_plus_bias(h, w, "b1", None))
-    if "w3" in w:
-        g = jnp.einsum("ecd,edf->ecf", x_ecd, w["w3"].astype(dt))
-        h = h * _plus_bias(g, w, "b3", None)
+    if "w3" in w:  # both halves in one batched matmul, as in the dense FFN
+        w13 = jnp.concatenate([w["w1"], w["w3"]], axis=-1).astype(dt)
+        h, g = jnp.split(jnp.einsum("ecd,edf->ecf", x_ecd, w13), 2, axis=-1)
+        h = act(_plus_bias(h, w, "b1", None)) * _plus_bias(g, w, "b3", None)
+    else:
+        h = act(_plus_bias(jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt)), w, "b1", None))
     y = jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt))
     return _plus_bias(y, w, "b2", None)
 
