@@ -17,6 +17,7 @@ Parameter matching: an ungated variant gets ``d_ff = multiplier * d_model`` and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -120,6 +121,32 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_kwargs) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated_activation(act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax.Array
+                     ) -> jax.Array:
+    """``act(h) * g``, keeping only ``h`` and ``g`` for the backward pass.
+
+    Plain autodiff keeps ``act``'s intermediates as well (for SiLU: ``h``, ``sigmoid(h)``,
+    ``silu(h)`` and ``g``); the backward here recomputes them from ``h`` in the fused
+    elementwise kernel instead, halving the per-layer residual memory traffic.
+    """
+    return act(h) * g
+
+
+def _gated_fwd(act, h, g):
+    return act(h) * g, (h, g)
+
+
+def _gated_bwd(act, residuals, dy):
+    h, g = residuals
+    a, act_vjp = jax.vjp(act, h)
+    (dh,) = act_vjp(dy * g)
+    return dh, dy * a
+
+
+gated_activation.defvjp(_gated_fwd, _gated_bwd)
+
+
 def kernel_init(fan_in: int, scale: float = 1.0):
     """Truncated-normal init with std ``scale / sqrt(fan_in)``."""
     return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
@@ -166,11 +193,12 @@ class FFN(nnx.Module):
             h, g = token_matmul(x, self.w1[...].astype(self.dtype)), None
         if self.b1 is not None:
             h = h + self.b1[...].astype(self.dtype)
-        h = self.variant.activation(h)
-        if g is not None:
+        if g is None:
+            h = self.variant.activation(h)
+        else:
             if self.b3 is not None:
                 g = g + self.b3[...].astype(self.dtype)
-            h = h * g
+            h = gated_activation(self.variant.activation, h, g)
         if h.ndim == 3:
             h = constrain(h, ("batch", "length", "act_mlp"))
         return h

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ffn_jax.ffn import gated_activation
+
 Weights = dict[str, jax.Array]
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -40,7 +42,7 @@ def dense_experts(x_ecd: jax.Array, w: Weights, act: Activation) -> jax.Array:
     if "w3" in w:  # both halves in one batched matmul, as in the dense FFN
         w13 = jnp.concatenate([w["w1"], w["w3"]], axis=-1).astype(dt)
         h, g = jnp.split(jnp.einsum("ecd,edf->ecf", x_ecd, w13), 2, axis=-1)
-        h = act(_plus_bias(h, w, "b1", None)) * _plus_bias(g, w, "b3", None)
+        h = gated_activation(act, _plus_bias(h, w, "b1", None), _plus_bias(g, w, "b3", None))
     else:
         h = act(_plus_bias(jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt)), w, "b1", None))
     y = jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt))
@@ -56,10 +58,12 @@ def ragged_experts(
     """
     dt = x_nd.dtype
     e = jnp.minimum(expert_n, w["w1"].shape[0] - 1)
-    h = act(_plus_bias(jax.lax.ragged_dot(x_nd, w["w1"].astype(dt), group_sizes_e), w, "b1", e))
+    h = _plus_bias(jax.lax.ragged_dot(x_nd, w["w1"].astype(dt), group_sizes_e), w, "b1", e)
     if "w3" in w:
         g = jax.lax.ragged_dot(x_nd, w["w3"].astype(dt), group_sizes_e)
-        h = h * _plus_bias(g, w, "b3", e)
+        h = gated_activation(act, h, _plus_bias(g, w, "b3", e))
+    else:
+        h = act(h)
     return _plus_bias(jax.lax.ragged_dot(h, w["w2"].astype(dt), group_sizes_e), w, "b2", e)
 
 
