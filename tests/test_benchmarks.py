@@ -24,11 +24,18 @@ def test_bench_train_smoke(mode):
     """The GPU mode's logic (bf16, datasheet peak lookup, shapes) runs on CPU too."""
     rows = run_bench("benchmarks/bench_train.py", "--smoke", f"--mode={mode}",
                      "--variants=relu,moe_capacity", "--steps=1")
-    peak, *steps = rows
-    assert peak["measurement"] == "matmul_peak" and peak["flops_per_s"] > 0
-    assert peak["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
+    # A matmul-peak line before each train-step line (the MFU denominator measured just before).
+    assert [r["measurement"] for r in rows] == ["matmul_peak", "train_step"] * 2
+    peaks, steps = rows[::2], rows[1::2]
+    for peak in peaks:
+        assert peak["flops_per_s"] == max(peak["measured_at_start"], peak["measured_before_row"])
+        assert peak["flops_per_s"] > 0
+        assert peak["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
     assert [r["variant"] for r in steps] == ["relu", "moe_capacity"]
-    for r in steps:
+    for r, peak in zip(steps, peaks, strict=True):
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_token"] * r["tokens_per_s"] / peak["flops_per_s"])
+        assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
         assert r["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
         assert r["step_s"] > 0 and 0 < r["mfu"] < 1.5 and r["memory_bytes"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / r["step_s"])
