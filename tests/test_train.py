@@ -65,8 +65,11 @@ def test_tiny_trains_below_unigram_entropy(trained):
     assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
     logged = [r for r in rows if "loss" in r]
     assert logged[-1]["loss"] < logged[0]["loss"] - 2.0
-    for key in ("step", "tokens", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu"):
+    for key in ("step", "tokens", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu",
+                "data_time_s"):
         assert key in logged[-1]
+    # Input overlaps compute: fetching batches takes a small part of the step time.
+    assert all(0 < r["data_time_s"] < 0.5 * r["step_time_s"] for r in logged), logged
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
     cfg = read_json(workdir, "config.json")
     assert cfg["model"]["vocab_size"] == 384  # 257 byte tokens padded to a multiple of 128
