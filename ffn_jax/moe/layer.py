@@ -76,12 +76,14 @@ def run_routed(
     x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act,
     capacity_factor: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without one."""
+    """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without a
+    mesh or on a one-device mesh (where the backward of ``shard_map`` would only copy the
+    replicated expert weights through a ``psum``)."""
     fn = functools.partial(moe_shard, s=s, act=act, capacity_factor=capacity_factor)
-    if jax.sharding.get_abstract_mesh().empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
         return fn(x_bld, logits_ble, w, axes=NO_MESH)
     axes = shard_axes(s.num_experts)
-    mesh = jax.sharding.get_abstract_mesh()
     shards = math.prod(mesh.shape[a] for a in axes.batch)
     if x_bld.shape[0] % shards:
         raise ValueError(
