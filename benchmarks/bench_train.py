@@ -12,8 +12,8 @@ the peak measured in this process (float32 matmul on CPU, bf16 on GPU, with the 
 peak beside it): the larger of the measurements at start and just before each row. Step
 time is the median of ``--steps`` steps timed one by one (min and max beside it). The
 process first re-executes itself with huge-page malloc (ffn_jax/host.py), as train.py does.
-Memory is the compiled step's memory analysis
-(arguments + temporaries - aliased donations). ``--smoke`` shrinks every shape (for tests).
+Memory is the compiled step's memory analysis (arguments + temporaries - aliased donations).
+``--smoke`` shrinks every shape (for tests).
 """
 
 from __future__ import annotations
