@@ -7,9 +7,9 @@
                                                    # inspect.md: key-value memories, experts
 """
 
-from ffn_jax.host import use_hugepage_malloc
+from ffn_jax.host import prepare_process
 
-use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
+prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 
 from absl import app, flags  # noqa: E402
 

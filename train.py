@@ -12,9 +12,9 @@ block are flags too (docs/scaling.md), e.g. process ``i`` of two::
         --config.distributed.num_processes=2 --config.distributed.process_id=$i
 """
 
-from ffn_jax.host import use_hugepage_malloc
+from ffn_jax.host import prepare_process
 
-use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
+prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -159,6 +159,9 @@ def run_sharded(args) -> None:
 def main() -> None:
     args = _parse()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ffn_jax.host import prepare_process
+
+    prepare_process()  # XLA:CPU flags, then huge-page malloc, as train.py (ffn_jax/host.py)
     if args.part in ("all", "single"):
         run_single(args)
     if args.part == "sharded":

@@ -9,10 +9,16 @@ Shapes: CPU d_model 512, 8 layers, seq 256, vocab 8192 (batch 8); GPU d_model 76
 12 layers, 12 heads, seq 1024, vocab 32768 (GPT-2-small shape, ~125M params, batch 32).
 MFU = model FLOPs/token (ffn_jax.flops: 3 x forward, attention included) x tokens/s over
 the peak measured in this process (float32 matmul on CPU, bf16 on GPU, with the datasheet
-peak beside it): the larger of the measurements at start and just before each row. Step
+peak beside it): the best of every measurement so far, at start and just before and just
+after each row (on a shared machine the matmul sometimes runs at half speed for seconds, and
+a peak measured then would inflate the MFU). Step
 time is the median of ``--steps`` steps timed one by one (min and max beside it). The
-process first re-executes itself with huge-page malloc (ffn_jax/host.py), as train.py does.
+process first sets the XLA:CPU flags and re-executes itself with huge-page malloc
+(ffn_jax/host.py), as train.py does.
 Memory is the compiled step's memory analysis (arguments + temporaries - aliased donations).
+When the SwiGLU row and MoE rows are measured, a ``moe_vs_dense`` line per MoE row gives
+its step time over SwiGLU's (medians, and mins: interference on a shared machine only adds
+time, so the ratio of mins is the steadier one).
 ``--smoke`` shrinks every shape (for tests).
 """
 
@@ -27,9 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ffn_jax.host import use_hugepage_malloc  # noqa: E402
+from ffn_jax.host import prepare_process  # noqa: E402
 
-use_hugepage_malloc()  # re-executes with huge-page malloc first (ffn_jax/host.py)
+prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,6 +53,7 @@ SHAPES = {
 SMOKE = dict(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab=256, batch=4)
 # MoE rows: 8 experts, top-2, capacity factor 1.25, expert width = half the dense SwiGLU
 # width (granularity-style), so active FLOPs equal the dense SwiGLU row.
+DENSE_REFERENCE = "swiglu"  # the dense row each MoE row is compared with (moe_vs_dense lines)
 MOE_PATHS = {
     "moe_capacity": dict(dispatch="capacity"),
     "moe_dropless_loop": dict(dispatch="dropless", dropless_impl="loop"),
@@ -74,8 +81,8 @@ def make_config(mode: str, variant: str, remat: str, smoke: bool):
     return c
 
 
-def measure(config, steps: int, peak: float) -> dict:
-    """Compile and time the train step of ``config`` on one device."""
+def measure(config, steps: int) -> dict:
+    """Compile and time the train step of ``config`` on one device (MFU left to the caller)."""
     mesh = sharding.single_device_mesh()
     rs = build_run_state(config, mesh)
     b, t = config.data.batch_size, config.data.seq_len
@@ -108,7 +115,7 @@ def measure(config, steps: int, peak: float) -> dict:
     fpt = flops.flops_per_token(config.model, t)["train"]
     tps = b * t / step_s
     return {"step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
-            "steps_timed": steps, "tokens_per_s": tps, "mfu": fpt * tps / peak,
+            "steps_timed": steps, "tokens_per_s": tps,
             "compile_s": compile_s, "memory_bytes": peak_mem, "flops_per_token": fpt,
             "params": rs.n_params, "loss": float(metrics["loss"])}
 
@@ -131,28 +138,39 @@ def main() -> None:
     dev = jax.devices()[0]
     peak_dtype = jnp.float32 if mode == "cpu" else jnp.bfloat16
     n = 256 if args.smoke else None
-    first_peak = flops.measure_matmul_peak(peak_dtype, n=n)
+    first_peak = best_peak = flops.measure_matmul_peak(peak_dtype, n=n)
     for remat in args.remat.split(","):
+        steps = {}
         for variant in variants:
             if variant == "moe_dropless_ragged" and mode == "cpu" and not args.smoke:
                 continue  # ragged_dot is a masked dense dot on CPU (E x the FLOPs); GPU only
             config = make_config(mode, variant, remat, args.smoke)
-            # The MFU denominator, measured in this process just before each row. The larger of
-            # that and the first measurement: after a train step XLA:CPU sometimes runs the
-            # next matmuls at half speed for seconds, and a low peak would inflate the MFU.
+            # The MFU denominator: the best matmul throughput measured in this process, at
+            # start and around each row (a half-speed spell during one measurement is outvoted).
             before = flops.measure_matmul_peak(peak_dtype, n=n)
-            peak = max(first_peak, before)
+            row = measure(config, args.steps)
+            after = flops.measure_matmul_peak(peak_dtype, n=n)
+            best_peak = max(best_peak, before, after)
+            row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / best_peak
             print(json.dumps({"measurement": "matmul_peak", "device": dev.device_kind,
-                              "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": peak,
-                              "measured_before_row": before, "measured_at_start": first_peak,
+                              "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": best_peak,
+                              "measured_at_start": first_peak, "measured_before_row": before,
+                              "measured_after_row": after,
                               "datasheet_bf16_flops_per_s": flops.datasheet_peak(dev)}),
                   flush=True)
-            row = measure(config, args.steps, peak)
             print(json.dumps({"measurement": "train_step", "mode": mode, "variant": variant,
                               "remat": remat, "dtype": config.model.dtype,
                               "d_model": config.model.d_model, "n_layers": config.model.n_layers,
                               "seq_len": config.data.seq_len, "batch": config.data.batch_size,
                               "vocab": config.model.vocab_size, **row}), flush=True)
+            steps[variant] = row
+        for path in [v for v in steps if v in MOE_PATHS and DENSE_REFERENCE in steps]:
+            moe, dense = steps[path], steps[DENSE_REFERENCE]
+            print(json.dumps({"measurement": "moe_vs_dense", "variant": path,
+                              "dense": DENSE_REFERENCE, "remat": remat,
+                              "step_ratio": moe["step_s"] / dense["step_s"],
+                              "step_ratio_min": moe["step_s_min"] / dense["step_s_min"]}),
+                  flush=True)
 
 
 if __name__ == "__main__":

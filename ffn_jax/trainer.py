@@ -136,7 +136,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: ConfigDict):
             loss, metrics = losses.mean(), jax.tree.map(lambda m: m.mean(0), metrics)
         nnx.update(model, rest)
         opt.update(model, grads)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return nnx.state((model, opt)), metrics
 
     return step

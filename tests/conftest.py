@@ -1,9 +1,12 @@
-"""Every test sees 8 simulated CPU devices (set before jax is imported)."""
+"""Every test sees 8 simulated CPU devices and the XLA:CPU flags of the entry points (set
+before jax is imported)."""
 import os
 
-os.environ["XLA_FLAGS"] = (
+from ffn_jax.host import with_xla_cpu_defaults
+
+os.environ["XLA_FLAGS"] = with_xla_cpu_defaults(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One token/corpus cache for the whole session (and the subprocesses tests start), kept
 # between local runs; a clean clone fetches the corpus once.

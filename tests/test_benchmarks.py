@@ -23,15 +23,21 @@ def run_bench(*args):
 def test_bench_train_smoke(mode):
     """The GPU mode's logic (bf16, datasheet peak lookup, shapes) runs on CPU too."""
     rows = run_bench("benchmarks/bench_train.py", "--smoke", f"--mode={mode}",
-                     "--variants=relu,moe_capacity", "--steps=1")
-    # A matmul-peak line before each train-step line (the MFU denominator measured just before).
-    assert [r["measurement"] for r in rows] == ["matmul_peak", "train_step"] * 2
-    peaks, steps = rows[::2], rows[1::2]
-    for peak in peaks:
-        assert peak["flops_per_s"] == max(peak["measured_at_start"], peak["measured_before_row"])
-        assert peak["flops_per_s"] > 0
+                     "--variants=swiglu,moe_capacity", "--steps=1")
+    # A matmul-peak line before each train-step line (the MFU denominator measured just before),
+    # then the MoE row's step time over the dense SwiGLU row's.
+    kinds = ["matmul_peak", "train_step"] * 2 + ["moe_vs_dense"]
+    assert [r["measurement"] for r in rows] == kinds
+    peaks, steps, ratio = rows[:-1:2], rows[1:-1:2], rows[-1]
+    seen = [peaks[0]["measured_at_start"]]
+    for peak in peaks:  # the MFU denominator: the best of every measurement so far
+        seen += [peak["measured_before_row"], peak["measured_after_row"]]
+        assert peak["flops_per_s"] == max(seen) > 0
         assert peak["dtype"] == ("float32" if mode == "cpu" else "bfloat16")
-    assert [r["variant"] for r in steps] == ["relu", "moe_capacity"]
+    assert [r["variant"] for r in steps] == ["swiglu", "moe_capacity"]
+    assert ratio["variant"] == "moe_capacity" and ratio["dense"] == "swiglu"
+    assert ratio["step_ratio"] == pytest.approx(steps[1]["step_s"] / steps[0]["step_s"])
+    assert ratio["step_ratio_min"] == pytest.approx(steps[1]["step_s_min"] / steps[0]["step_s_min"])
     for r, peak in zip(steps, peaks, strict=True):
         assert r["mfu"] == pytest.approx(
             r["flops_per_token"] * r["tokens_per_s"] / peak["flops_per_s"])

@@ -1,4 +1,4 @@
-"""Huge-page malloc re-execution (ffn_jax/host.py)."""
+"""Host-process settings (ffn_jax/host.py): XLA:CPU default flags, huge-page malloc."""
 
 import os
 import subprocess
@@ -55,3 +55,40 @@ def test_reexec_sets_tunable_and_cuts_page_faults():
     # 3 x 256 MiB in 4 KiB pages is ~196k faults; huge pages take ~1/500 of that.
     assert faults_4k > 150_000
     assert faults < faults_4k / 20
+
+
+YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-dot"
+
+# Prints whether the compiled CPU program of a matmul uses a YNNPACK fusion.
+YNN_PROBE = """
+import sys
+if sys.argv[1] == "prepare":
+    from ffn_jax.host import prepare_process
+    prepare_process()
+import jax, jax.numpy as jnp
+x = jnp.ones((256, 256))
+print("__ynn_fusion" in jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_text())
+"""
+
+
+def test_xla_cpu_defaults_added_once_and_user_value_kept():
+    assert host.with_xla_cpu_defaults("") == YNN
+    flags = "--xla_force_host_platform_device_count=8"
+    assert host.with_xla_cpu_defaults(f" {flags} ") == f"{flags} {YNN}"
+    assert host.with_xla_cpu_defaults(f"{flags} {YNN}") == f"{flags} {YNN}"
+    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    assert host.with_xla_cpu_defaults(mine) == mine
+
+
+def _uses_ynn(mode: str, xla_flags: str) -> bool:
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": xla_flags, host.OPT_OUT: "1"}
+    out = subprocess.run([sys.executable, "-c", YNN_PROBE, mode], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[-1] == "True"
+
+
+def test_prepare_process_takes_matmuls_from_ynnpack():
+    assert _uses_ynn("plain", "")  # XLA's default: the matmul is a YNNPACK fusion
+    assert not _uses_ynn("prepare", "")
+    # A user's own setting wins: an explicit default-like value keeps YNNPACK dots.
+    assert _uses_ynn("prepare", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
