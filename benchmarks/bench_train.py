@@ -7,18 +7,17 @@ and MoE path, printed as one JSON line per measurement.
 
 Shapes: CPU d_model 512, 8 layers, seq 256, vocab 8192 (batch 8); GPU d_model 768,
 12 layers, 12 heads, seq 1024, vocab 32768 (GPT-2-small shape, ~125M params, batch 32).
-MFU = model FLOPs/token (ffn_jax.flops: 3 x forward, attention included) x tokens/s over
-the peak measured in this process (float32 matmul on CPU, bf16 on GPU, with the datasheet
-peak beside it): the best of every measurement so far, at start and just before and just
-after each row (on a shared machine the matmul sometimes runs at half speed for seconds, and
-a peak measured then would inflate the MFU). Step
-time is the median of ``--steps`` steps timed one by one (min and max beside it). The
-process first sets the XLA:CPU flags and re-executes itself with huge-page malloc
-(ffn_jax/host.py), as train.py does.
-Memory is the compiled step's memory analysis (arguments + temporaries - aliased donations).
-When the SwiGLU row and MoE rows are measured, a ``moe_vs_dense`` line per MoE row gives
-its step time over SwiGLU's (medians, and mins: interference on a shared machine only adds
-time, so the ratio of mins is the steadier one).
+MFU = model FLOPs/token (ffn_jax.flops: 3 x forward, attention included) x tokens/s over the
+peak measured in this process (float32 matmul on CPU, bf16 on GPU, with the datasheet peak
+beside it): the best of every measurement so far, at start and just before and just after
+each row (on a shared machine the matmul sometimes runs at half speed for seconds, and a
+peak measured then would inflate the MFU). Step time is the median of ``--steps`` steps
+timed one by one (min and max beside it). The process first sets the XLA:CPU flags and
+re-executes itself with huge-page malloc (ffn_jax/host.py), as train.py does. Memory is the
+compiled step's memory analysis (arguments + temporaries - aliased donations). When the
+SwiGLU row and MoE rows are measured, a ``moe_vs_dense`` line per MoE row gives its step
+time over SwiGLU's (medians, and mins: interference on a shared machine only adds time, so
+the ratio of mins is the steadier one).
 ``--smoke`` shrinks every shape (for tests).
 """
 

@@ -24,8 +24,8 @@ def test_bench_train_smoke(mode):
     """The GPU mode's logic (bf16, datasheet peak lookup, shapes) runs on CPU too."""
     rows = run_bench("benchmarks/bench_train.py", "--smoke", f"--mode={mode}",
                      "--variants=swiglu,moe_capacity", "--steps=1")
-    # A matmul-peak line before each train-step line (the MFU denominator measured just before),
-    # then the MoE row's step time over the dense SwiGLU row's.
+    # A matmul-peak line (the MFU denominator, measured around the row) before each train-step
+    # line, then the MoE row's step time over the dense SwiGLU row's.
     kinds = ["matmul_peak", "train_step"] * 2 + ["moe_vs_dense"]
     assert [r["measurement"] for r in rows] == kinds
     peaks, steps, ratio = rows[:-1:2], rows[1:-1:2], rows[-1]

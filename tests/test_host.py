@@ -90,5 +90,5 @@ def _uses_ynn(mode: str, xla_flags: str) -> bool:
 def test_prepare_process_takes_matmuls_from_ynnpack():
     assert _uses_ynn("plain", "")  # XLA's default: the matmul is a YNNPACK fusion
     assert not _uses_ynn("prepare", "")
-    # A user's own setting wins: an explicit default-like value keeps YNNPACK dots.
+    # A user's own setting of the flag wins: here it asks for YNNPACK dots, and gets them.
     assert _uses_ynn("prepare", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
