@@ -36,6 +36,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--capacity_factor", type=float, default=1.25)
     ap.add_argument("--layers", type=int, default=4, help="blocks in the LM-like stack")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
     return ap.parse_args()
 
 
@@ -64,6 +66,7 @@ def _make(args, kind: str, n_layers: int):
     from ffn_jax.moe import MoEFFN, moe_aux_loss
 
     d_ff = matched_d_ff(args.variant, args.d_model)
+    dtype = jnp.dtype(args.dtype)
     cfg = get_config(args.variant).model.moe
     cfg.num_experts, cfg.top_k, cfg.capacity_factor = args.experts, args.top_k, args.capacity_factor
     cfg.dispatch = "capacity" if kind == "capacity" else "dropless"
@@ -72,8 +75,8 @@ def _make(args, kind: str, n_layers: int):
     def build(i: int):
         rngs = nnx.Rngs(i)
         if kind == "dense":
-            return FFN(args.d_model, args.top_k * d_ff, args.variant, rngs=rngs)
-        return MoEFFN(args.d_model, cfg, variant=args.variant, d_ff=d_ff, rngs=rngs)
+            return FFN(args.d_model, args.top_k * d_ff, args.variant, dtype=dtype, rngs=rngs)
+        return MoEFFN(args.d_model, cfg, variant=args.variant, d_ff=d_ff, dtype=dtype, rngs=rngs)
 
     class Stack(nnx.Module):
         def __init__(self):
@@ -123,7 +126,7 @@ def run_single(args) -> None:
             dense_ms = t["ms"] if kind == "dense" else dense_ms
             _emit(bench=f"{bench}_fwd_bwd", impl=kind, layers=n_layers, variant=args.variant,
                   tokens=args.batch * args.length, d_model=args.d_model, experts=args.experts,
-                  top_k=args.top_k, capacity_factor=args.capacity_factor,
+                  top_k=args.top_k, capacity_factor=args.capacity_factor, dtype=args.dtype,
                   vs_dense=round(t["ms"] / dense_ms, 3), device=jax.devices()[0].platform, **t)
 
 
@@ -162,6 +165,9 @@ def main() -> None:
     from ffn_jax.host import prepare_process
 
     prepare_process()  # XLA:CPU flags, then huge-page malloc, as train.py (ffn_jax/host.py)
+    import jax
+
+    args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if args.part in ("all", "single"):
         run_single(args)
     if args.part == "sharded":

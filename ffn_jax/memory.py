@@ -25,14 +25,15 @@ import jax
 import numpy as np
 
 from ffn_jax.ffn import get_variant
-from ffn_jax.model import dense_d_ff, get_dtype, is_moe_layer
+from ffn_jax.model import attention_impl, dense_d_ff, get_dtype, is_moe_layer
 from ffn_jax.moe.settings import MoESettings
 
 log = logging.getLogger(__name__)
 
 # The kinds of per-layer activations each remat policy keeps for the backward pass:
 # stream: the residual stream; matmul: outputs of the weight matmuls; attention: the
-# (length x length) scores and probabilities; elementwise: norms, rotary, FFN activations.
+# (length x length) scores and probabilities (XLA) or the log-sum-exp (cuDNN); elementwise:
+# norms, rotary, FFN activations.
 SAVED_BY_POLICY = {
     "none": ("stream", "matmul", "attention", "elementwise"),
     "dots": ("stream", "matmul", "attention"),
@@ -80,15 +81,20 @@ def _ffn_parts(m, layer: int, tp: int) -> dict[str, float]:
 
 def layer_bytes(m, layer: int, seq_len: int, mesh: jax.sharding.Mesh, rules) -> dict:
     """Bytes per token of block ``layer``'s activations, by kind (see SAVED_BY_POLICY)."""
-    a = np.dtype(get_dtype(m.dtype)).itemsize
+    dtype = get_dtype(m.dtype)
+    a = np.dtype(dtype).itemsize
     tp = _ways("act_heads", mesh, rules)
     d, n, k = m.d_model, m.n_heads, m.n_kv_heads
     h = d // n
     ffn = _ffn_parts(m, layer, _ways("act_mlp", mesh, rules))
+    if attention_impl(m.attention, dtype, h) == "cudnn":
+        attention = n / tp * 4  # flash attention keeps a float32 log-sum-exp per query row
+    else:
+        attention = n / tp * seq_len * (a + 4)  # scores in compute dtype, softmax float32
     return {
         "stream": 2 * d * a,
         "matmul": a * ((2 * n + 2 * k) * h / tp + d + ffn["matmul"]),
-        "attention": n / tp * seq_len * (a + 4),  # scores in compute dtype, softmax float32
+        "attention": attention,
         "elementwise": 2 * d * 4 + a * ((n + k) * h / tp + ffn["elementwise"]),
     }
 

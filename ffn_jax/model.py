@@ -34,7 +34,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned")
 # Fields added after runs were already written: a config.json without them means these.
 LEGACY_DEFAULTS = {"norm_position": "pre", "positions": "rope", "max_seq_len": 0}
-ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -48,6 +48,26 @@ def get_dtype(name: str) -> jnp.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is not supported; use one of {list(DTYPES)}")
     return DTYPES[name]
+
+
+def attention_impl(name: str, dtype, head_dim: int) -> str:
+    """The ``jax.nn.dot_product_attention`` implementation that ``model.attention=name`` runs.
+
+    ``"auto"`` picks cuDNN's fused (flash) attention where it applies: an NVIDIA GPU, a
+    bfloat16/float16 compute dtype and a head dim that is a multiple of 8 and at most 128;
+    otherwise XLA's, which materialises the ``(b, n, t, t)`` scores. (JAX's own
+    ``implementation=None`` always means XLA.) ``"xla"``/``"cudnn"`` force one; cuDNN raises
+    at trace time where it does not apply.
+    """
+    if name != "auto":
+        return name
+    device = jax.devices()[0]
+    fused = (
+        device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0 and head_dim <= 128
+    )
+    return "cudnn" if fused else "xla"
 
 
 def option(cfg, field: str):
@@ -119,7 +139,7 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
         self.dtype, self.rope_theta = dtype, cfg.rope_theta
         self.use_rotary = option(cfg, "positions") == "rope"
-        self.impl = ATTENTION_IMPLS[cfg.attention]
+        self.impl = attention_impl(cfg.attention, dtype, h)
         init = ffn_lib.kernel_init(d)
         self.wq = nnx.Param(param(init, ("embed", "heads", "kv"))(rngs.params(), (d, n, h)))
         self.wk = nnx.Param(param(init, ("embed", "kv_heads", "kv"))(rngs.params(), (d, k, h)))

@@ -4,8 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+
+from ffn_jax import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,3 +50,53 @@ def test_bench_train_smoke(mode):
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq_len"] / r["step_s"])
     # Same active FLOPs for the MoE row and the dense rows (matched by construction).
     assert steps[1]["flops_per_token"] == pytest.approx(steps[0]["flops_per_token"], rel=0.02)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("cpu", None),
+])
+def test_datasheet_peak_matches_the_specific_part(kind, peak):
+    assert flops.datasheet_peak(SimpleNamespace(device_kind=kind)) == peak
+
+
+@pytest.mark.slow
+def test_bench_train_reports_a_failing_row_and_goes_on():
+    """cuDNN attention cannot run on CPU: that row is an error line, the xla row still runs,
+    and the exit status says something failed."""
+    args = ["benchmarks/bench_train.py", "--smoke", "--mode=gpu", "--variants=swiglu",
+            "--attention=xla,cudnn", "--steps=1"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    steps = [r for r in rows if r["measurement"] == "train_step"]
+    assert [r["attention"] for r in steps] == ["xla", "cudnn"]
+    assert "error" not in steps[0] and steps[0]["step_s"] > 0
+    assert "step_s" not in steps[1] and steps[1]["error"]
+
+
+def test_bench_train_rejects_unknown_names():
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--variants=swiglu,sqrelu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--variants: unknown ['sqrelu']" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_moe_single_smoke():
+    rows = run_bench("benchmarks/bench_moe.py", "--part=single", "--d_model=32", "--batch=2",
+                     "--length=16", "--layers=2", "--repeats=1", "--dtype=bfloat16")
+    assert [(r["bench"], r["impl"]) for r in rows] == [
+        (bench, impl) for bench in ("layer_fwd_bwd", "stack_fwd_bwd")
+        for impl in ("dense", "capacity", "loop", "ragged")]
+    for r in rows:
+        assert r["dtype"] == "bfloat16" and r["ms_min"] <= r["ms"]
+        assert r["vs_dense"] == 1.0 if r["impl"] == "dense" else r["vs_dense"] > 0

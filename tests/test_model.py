@@ -1,6 +1,7 @@
 """The decoder LM: causality, scan vs loop, remat, bf16, sharded == single device."""
 
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from ml_collections import ConfigDict
 
 from configs.base import get_config
 from ffn_jax import data, sharding
-from ffn_jax.model import LM, Block, count_params, model_problems
+from ffn_jax.model import LM, Block, attention_impl, count_params, model_problems
 from ffn_jax.optim import make_optimizer
 
 
@@ -241,3 +242,31 @@ def test_original_preset_trains_with_dropout():
     a = jnp.asarray(batches[0, :2, :-1])
     b = a.at[:, 40:].set(0)
     np.testing.assert_allclose(model(a)[0][:, :40], model(b)[0][:, :40], atol=1e-5)  # causal
+
+
+GPUS = {
+    "h100": SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"),
+    "amd": SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"),
+}
+
+
+@pytest.mark.parametrize("gpu, dtype, head_dim, expected", [
+    ("h100", jnp.bfloat16, 64, "cudnn"),
+    ("h100", jnp.float16, 128, "cudnn"),
+    ("h100", jnp.float32, 64, "xla"),  # cuDNN's fused attention is bf16/fp16 only
+    ("h100", jnp.bfloat16, 12, "xla"),  # head dim not a multiple of 8
+    ("h100", jnp.bfloat16, 192, "xla"),  # above 128
+    ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
+])
+def test_auto_attention_is_fused_only_where_cudnn_applies(monkeypatch, gpu, dtype, head_dim,
+                                                          expected):
+    monkeypatch.setattr(jax, "devices", lambda *a: [GPUS[gpu]])
+    assert attention_impl("auto", dtype, head_dim) == expected
+    assert attention_impl("xla", dtype, head_dim) == "xla"  # a named one is kept as asked
+    assert attention_impl("cudnn", jnp.float32, head_dim) == "cudnn"
+
+
+def test_default_attention_is_auto_and_xla_on_cpu():
+    cfg = get_config("swiglu,size=gpu").model  # bf16: would be cuDNN on an NVIDIA GPU
+    assert cfg.attention == "auto"
+    assert attention_impl(cfg.attention, jnp.bfloat16, cfg.d_model // cfg.n_heads) == "xla"

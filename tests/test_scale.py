@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,21 @@ def test_memory_estimate_tracks_compiled(mesh_name):
     assert abs(est["params"] + est["optimizer"] + batch - xla["arguments"]) < 0.01 * xla[
         "arguments"]
     assert 0.7 < est["total"] / xla["total"] < 1.4, (est, xla)
+
+
+def test_memory_estimate_keeps_no_scores_with_fused_attention(monkeypatch):
+    """With cuDNN attention (bf16 on an NVIDIA GPU) the estimate drops the (t x t) scores."""
+    c = tiny()
+    c.model.dtype = "bfloat16"
+    mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_RULES
+    xla = [memory.layer_bytes(c.model, 0, t, mesh, rules)["attention"] for t in (64, 128)]
+    assert xla[1] == 2 * xla[0]  # grows with the sequence: scores and probabilities
+    gpu = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    fused = [memory.layer_bytes(c.model, 0, t, mesh, rules)["attention"] for t in (64, 128)]
+    assert fused[0] == fused[1] == c.model.n_heads * 4  # one float32 log-sum-exp per head
+    c.model.attention = "xla"  # asked for by name: scores again
+    assert memory.layer_bytes(c.model, 0, 64, mesh, rules)["attention"] == xla[0]
 
 
 def test_rules_in_config_choose_the_sharding():

@@ -20,7 +20,7 @@ Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tens
   is capacity-free but dense: each shard sends every expert shard a ``t*k``-row buffer (room
   for the worst case, zero-padded), i.e. ``n_ep`` times the bytes of an exact exchange. Each
   expert shard sorts what it received by local expert and runs a grouped matmul
-  (``dropless_impl``: ``ragged`` = ``jax.lax.ragged_dot``, fast on GPU/TPU; ``loop`` = a scan
+  (``dropless_impl``: ``ragged`` = ``jax.lax.ragged_dot``, for GPU/TPU; ``loop`` = a scan
   over one-expert row tiles, fast on CPU; see ``experts.py``). Nothing is dropped.
 * **expert choice**: every expert takes its top-``C`` tokens by router probability
   (``(E, C)`` token indices), then the same exchange and einsum as the capacity path; results

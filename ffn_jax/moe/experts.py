@@ -6,9 +6,11 @@ Three implementations with identical results:
 
 * ``dense_experts``: a batched einsum over an ``(E, C, d)`` slot buffer (capacity path).
   FLOPs = ``E * C`` rows, including empty slots; fast everywhere.
-* ``ragged_experts``: ``jax.lax.ragged_dot`` on expert-sorted rows (dropless). On GPU/TPU a
-  real grouped matmul (FLOPs = rows); on XLA:CPU it lowers to a masked dense dot costing
-  ``E`` times that, so it is for correctness there.
+* ``ragged_experts``: ``jax.lax.ragged_dot`` on expert-sorted rows (dropless). Meant for
+  GPU/TPU, where XLA can run it as a grouped matmul (FLOPs = rows; whether the weight
+  gradient gets one too depends on the XLA version: ``benchmarks/bench_train.py`` shows);
+  on XLA:CPU it lowers to a masked dense dot costing ``E`` times that, so it is for
+  correctness there.
 * ``tiled_experts``: a ``lax.scan`` over fixed-size row tiles, each tile holding rows of one
   expert (every group padded to a multiple of the tile), empty tiles skipped by ``lax.cond``.
   FLOPs = rows + at most one partial tile per expert: the fast dropless choice on CPU.
