@@ -196,12 +196,12 @@ def main() -> int:
                               "measured_after_row": after,
                               "datasheet_bf16_flops_per_s": datasheet}), flush=True)
             print(json.dumps({**about, **row}), flush=True)
-            steps[variant] = row
+            steps[variant] = {**about, **row}
         for path in [v for v in steps if v in MOE_PATHS and DENSE_REFERENCE in steps]:
             moe, dense = steps[path], steps[DENSE_REFERENCE]
             print(json.dumps({"measurement": "moe_vs_dense", "variant": path,
                               "dense": DENSE_REFERENCE, "remat": remat,
-                              "attention": attention,
+                              "attention": dense["attention"],
                               "step_ratio": moe["step_s"] / dense["step_s"],
                               "step_ratio_min": moe["step_s_min"] / dense["step_s_min"]}),
                   flush=True)
