@@ -351,6 +351,12 @@ def model_problems(cfg, mesh_shape: dict | None = None) -> list[str]:
     if cfg.attention not in ATTENTION_IMPLS:
         p.append(f"model.attention={cfg.attention!r} is not supported; use one of "
                  f"{list(ATTENTION_IMPLS)}")
+    elif cfg.attention == "cudnn" and cfg.dtype in DTYPES and cfg.n_heads > 0:
+        h = cfg.d_model // cfg.n_heads
+        if attention_impl("auto", DTYPES[cfg.dtype], h) != "cudnn":
+            p.append(f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype=bfloat16 and a "
+                     f"head dim that is a multiple of 8 up to 128 (here "
+                     f"{jax.devices()[0].device_kind}, {cfg.dtype}, {h}); use 'auto'")
     for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_multiple_of"):
         if cfg[field] <= 0:
             p.append(f"model.{field}={cfg[field]} must be positive")

@@ -143,6 +143,7 @@ def test_sharded_equals_single_device(shape):
         (dict(norm_position="middle"), r"model.norm_position='middle' is not supported"),
         (dict(positions="alibi"), r"model.positions='alibi' is not supported"),
         (dict(positions="learned", max_seq_len=0), r"model.max_seq_len=0 must be positive"),
+        (dict(attention="cudnn"), r"model.attention='cudnn' needs an NVIDIA GPU"),  # on CPU
     ],
 )
 def test_bad_model_config(overrides, message):
