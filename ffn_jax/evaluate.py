@@ -55,7 +55,7 @@ def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes:
     for b in batches:
         arrays = [data_lib.to_global(b[k], rs.mesh, spec) for k in ("inputs", "targets", "mask")]
         sums.append(eval_step(state, *arrays))
-        total_bytes += int(b["bytes"])
+        total_bytes += int(b["bytes"])  # of the global batch, the same on every process
         if len(sums) % 8 == 0:
             # Bound the computations in flight: XLA:CPU's simulated devices can deadlock
             # in a collective when hundreds of them are queued at once.
@@ -63,7 +63,6 @@ def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes:
     for nll, n in jax.device_get(sums):
         total_nll += float(nll)
         total_tokens += float(n)
-    total_bytes = _sum_over_processes(total_bytes)
     loss = total_nll / max(total_tokens, 1.0)
     return {
         "loss": loss,
@@ -72,14 +71,6 @@ def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes:
         "tokens": int(total_tokens),
         "bytes": int(total_bytes),
     }
-
-
-def _sum_over_processes(x: int) -> int:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return int(np.sum(multihost_utils.process_allgather(np.array([x]))))
 
 
 def restore_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None):

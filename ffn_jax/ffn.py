@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -147,9 +148,15 @@ def _gated_bwd(act, residuals, dy):
 gated_activation.defvjp(_gated_fwd, _gated_bwd)
 
 
+# Std of a unit normal truncated to [-2, 2]: dividing by it gives the truncated draw std 1.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
 def kernel_init(fan_in: int, scale: float = 1.0):
-    """Truncated-normal init with std ``scale / sqrt(fan_in)``."""
-    return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+    """Truncated-normal (at 2 std) init with std ``scale / sqrt(fan_in)`` whatever the kernel's
+    shape: ``fan_in`` is given, not read off the shape, so multi-axis kernels such as
+    ``wq (d, n, h)`` get ``1/sqrt(d)``."""
+    return nnx.initializers.truncated_normal(scale / math.sqrt(fan_in) / TRUNCATED_NORMAL_STD)
 
 
 class FFN(nnx.Module):

@@ -177,7 +177,7 @@ class Block(nnx.Module):
 
             self.ffn = MoEFFN(
                 cfg.d_model, cfg.moe, variant=cfg.ffn, d_ff=dense_d_ff(cfg),
-                use_bias=cfg.ffn_bias, dtype=dtype, rngs=rngs,
+                use_bias=cfg.ffn_bias, dtype=dtype, out_scale=out_scale, rngs=rngs,
             )
         else:
             self.ffn = ffn_lib.build_ffn(

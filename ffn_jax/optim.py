@@ -13,7 +13,7 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 NORM_PARAMS = ("scale",)  # RMSNorm / LayerNorm gains
 BIAS_PARAMS = ("b1", "b2", "b3", "bias", "router_bias")
-EMBED_PARAMS = ("embed", "unembed")
+EMBED_PARAMS = ("embed", "unembed", "pos_embed")
 
 
 def make_schedule(t) -> optax.Schedule:

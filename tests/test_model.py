@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from configs.base import get_config
 from ffn_jax import data, sharding
 from ffn_jax.model import LM, Block, attention_impl, count_params, model_problems
-from ffn_jax.optim import make_optimizer
+from ffn_jax.optim import decay_mask, make_optimizer
 
 
 def tiny_model_cfg(**overrides) -> ConfigDict:
@@ -184,6 +184,31 @@ def test_original_preset_model():
         "norm1"]
     with pytest.raises(ValueError, match=r"longer than model.max_seq_len=64"):
         m(tokens(1, 65))
+
+
+def test_init_std_is_one_over_sqrt_fan_in():
+    """Every projection's std is 1/sqrt(fan_in), whatever the kernel's rank (wq is
+    (d, n, h): its fan-in is d, not n * d); output projections are scaled for depth."""
+    cfg = tiny_model_cfg(d_model=256, n_heads=4, n_kv_heads=4, n_layers=2)
+    attn = LM(cfg, rngs=nnx.Rngs(0)).layers.blocks[0].attn
+    for name in ("wq", "wk", "wv"):
+        assert float(jnp.std(getattr(attn, name)[...])) == pytest.approx(256**-0.5, rel=0.05)
+    assert float(jnp.std(attn.wo[...])) == pytest.approx(256**-0.5 / 2, rel=0.05)
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_decay_mask_follows_the_config(decay_embeddings):
+    """Matrices decay; norms and biases do not (by default); every embedding table, the
+    learned positions included, follows ``train.decay_embeddings``."""
+    c = get_config("original,size=tiny")
+    c.model.vocab_size = 97
+    c.train.decay_embeddings = decay_embeddings
+    params = nnx.state(LM(c.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    mask = decay_mask(c.train, params)
+    block = mask["layers"]["blocks"][0]
+    assert mask["embed"] is mask["pos_embed"] is decay_embeddings
+    assert block["attn"]["wq"] and block["ffn"]["w1"] and block["ffn"]["w2"]
+    assert not block["ffn"]["b1"] and not block["norm1"]["scale"] and not block["norm1"]["bias"]
 
 
 def test_legacy_config_without_new_fields_is_pre_norm_rope():

@@ -70,7 +70,8 @@ def ref_probs(layer: MoEFFN, x_td: np.ndarray) -> np.ndarray:
 
 
 def ref_token_choice(layer: MoEFFN, x_btd, cap: int | None):
-    """Loop reference: k-major priority, first come first served up to ``cap`` per expert."""
+    """Loop reference: position-major priority (position ``j`` of every sequence, each
+    token's choices in rank order, before ``j+1``), first come first served up to ``cap``."""
     x = np.asarray(x_btd).reshape(-1, D)
     k, renorm = layer.settings.top_k, layer.settings.renormalize
     probs = ref_probs(layer, x)
@@ -79,8 +80,9 @@ def ref_token_choice(layer: MoEFFN, x_btd, cap: int | None):
     if renorm and k > 1:
         weight = weight / weight.sum(-1, keepdims=True)
     y, used, dropped = np.zeros_like(x), [0] * layer.settings.num_experts, 0
-    for rank in range(k):
-        for t in range(x.shape[0]):
+    batch, length = np.shape(x_btd)[:2]
+    for t in [b * length + j for j in range(length) for b in range(batch)]:
+        for rank in range(k):
             e = choice[t, rank]
             if cap is not None and used[e] >= cap:
                 dropped += 1
@@ -127,6 +129,24 @@ def test_dropless_matches_loop(impl, use_bias):
     assert float(aux["dropped_fraction"]) == 0.0
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(capacity_factor=0.5),  # top-2 with drops: the case a k-major priority breaks
+    dict(capacity_factor=0.5, top_k=1),
+    dict(dispatch="dropless"),
+], ids=["capacity-top2", "capacity-top1", "dropless"])
+def test_token_choice_is_causal(cfg):
+    """Outputs at positions < 8 do not depend on inputs at positions >= 8, in any sequence of
+    the batch, even when capacity drops tokens."""
+    layer = make_layer(moe_cfg(**cfg))
+    for seed in range(4):
+        x = tokens(batch=2, length=16, seed=seed)
+        future = tokens(batch=2, length=16, seed=seed + 100)
+        y, aux = apply(layer, x)
+        y2, _ = apply(layer, x.at[:, 8:].set(future[:, 8:]))
+        np.testing.assert_array_equal(y[:, :8], y2[:, :8])
+        assert cfg.get("dispatch") == "dropless" or float(aux["dropped_fraction"]) > 0
+
+
 def test_top2_without_capacity_limit_is_per_token_routing():
     layer = make_layer(moe_cfg(capacity_factor=100.0))
     y, aux = apply(layer, tokens())
@@ -166,6 +186,22 @@ def test_granularity_and_shared_experts():
     y, _ = apply(layer, x)
     routed, _ = ref_token_choice(layer, x, None)
     np.testing.assert_allclose(y, routed + np.asarray(layer.shared(x)), atol=2e-5, rtol=1e-4)
+
+
+def test_init_scales():
+    """Router and expert inputs std 1/sqrt(d_model); expert and shared outputs std
+    out_scale/sqrt(width), as the dense FFN's (a router at std 1 starts collapsed)."""
+    d, out_scale = 256, 0.25
+    cfg = moe_cfg(num_shared=1)
+    layer = MoEFFN(d, cfg, variant="swiglu", d_ff=512, out_scale=out_scale, rngs=nnx.Rngs(0))
+    f = layer.settings.expert_width
+    std = {name: float(jnp.std(getattr(layer, name)[...])) for name in ("router", "w1", "w2")}
+    assert std["router"] == pytest.approx(d**-0.5, rel=0.05)
+    assert std["w1"] == pytest.approx(d**-0.5, rel=0.05)
+    assert std["w2"] == pytest.approx(out_scale / math.sqrt(f), rel=0.05)
+    shared_w2 = layer.shared.w2[...]
+    assert float(jnp.std(shared_w2)) == pytest.approx(
+        out_scale / math.sqrt(shared_w2.shape[0]), rel=0.05)
 
 
 # ---- losses, metrics, gradients, modes -------------------------------------------------

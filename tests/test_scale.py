@@ -257,8 +257,8 @@ def test_unreachable_coordinator_times_out_with_one_line(tmp_path):
     assert not workdir.exists()
 
 
-TWO_PROC = ("train.steps=6", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
-            "train.final_eval=False", "train.checkpoint_every=3")
+TWO_PROC = ("train.steps=6", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3",
+            "train.eval_batches=2", "train.final_eval=False", "train.checkpoint_every=3")
 
 
 def losses(workdir) -> dict[int, float]:
@@ -309,6 +309,12 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     a, b = losses(two), losses(one)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5)
+    # Validation, bits per byte included (bytes are counted once, not once per process).
+    val = [[r for r in read_metrics(w) if "val_loss" in r] for w in (two, one)]
+    assert [r["step"] for r in val[0]] == [r["step"] for r in val[1]] == [3, 6]
+    for r2, r1 in zip(*val, strict=True):
+        assert r2["val_bytes"] == r1["val_bytes"] > 0 and r2["val_tokens"] == r1["val_tokens"]
+        assert r2["val_bits_per_byte"] == pytest.approx(r1["val_bits_per_byte"], rel=1e-5)
 
     state, step = restored_leaves(two, dict(data=2, fsdp=2, tensor=2))
     ref, ref_step = restored_leaves(one, None)

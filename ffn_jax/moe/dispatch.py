@@ -6,15 +6,19 @@ axis with ``all_to_all``. Without a mesh it runs as is with no collectives (``ax
 
 Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tensors):
 
-* **capacity** (token choice): assignments are ranked k-major (every token's first choice
-  before any second choice, tokens in order inside a rank), the position of an assignment in
-  its expert is a cumsum over the ``(t*k, E)`` assignment mask, and assignments at positions
-  ``>= C`` are dropped (their contribution is 0: the token passes through the residual only).
-  Kept ones are gathered into an ``(E, C, d)`` slot buffer; one ``all_to_all`` sends each
-  expert shard its ``(E_l, n_ep*C, d)`` slots, a batched einsum runs the experts and a second
-  ``all_to_all`` brings the results back to be gathered per assignment and weighted. Static
-  shapes and dense matmuls: the fast path on every backend, at the cost of computing empty
-  slots (``capacity_factor * k`` expert applications per token).
+* **capacity** (token choice): assignments are ranked position-major (every sequence's
+  token at position ``j``, each with its k choices in rank order, before position ``j+1``),
+  so whether a token keeps its slot depends only on tokens at its own or earlier positions:
+  causal. (A k-major order, every first choice before any second choice, lets a later
+  token's first choice evict an earlier token's second: a path from the future.) The
+  position of an assignment in its expert is a cumsum over the ``(t*k, E)`` assignment
+  mask, and assignments at positions ``>= C`` are dropped (their contribution is 0: the
+  token passes through the residual only). Kept ones are gathered into an ``(E, C, d)``
+  slot buffer; one ``all_to_all`` sends each expert shard its ``(E_l, n_ep*C, d)`` slots, a
+  batched einsum runs the experts and a second ``all_to_all`` brings the results back to be
+  gathered per assignment and weighted. Static shapes and dense matmuls: the fast path on
+  every backend, at the cost of computing empty slots (``capacity_factor * k`` expert
+  applications per token).
 * **dropless** (token choice): assignments are sorted by expert; the rows for expert shard
   ``j`` form one contiguous segment. There is no ragged all-to-all on XLA:CPU, so the exchange
   is capacity-free but dense: each shard sends every expert shard a ``t*k``-row buffer (room
@@ -71,14 +75,21 @@ def _exchange_and_compute(
 
 def capacity_dispatch(
     x_td: jax.Array, expert_tk: jax.Array, weight_tk: jax.Array, w: Weights, act: Activation,
-    cap: int, axes: ShardAxes,
+    cap: int, axes: ShardAxes, length: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Token choice with ``cap`` slots per expert. Returns ``(y_td, count_e, dropped, of)``."""
+    """Token choice with ``cap`` slots per expert over ``t = batch * length`` tokens (rows
+    of ``x_td`` batch-major). Returns ``(y_td, count_e, dropped, of)``."""
     t, d = x_td.shape
     k = expert_tk.shape[1]
     num_e = w["w1"].shape[0] * axes.n_expert
-    expert_a = expert_tk.T.reshape(-1)  # k-major priority
-    token_a = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)
+    batch = t // length
+
+    def by_position(a_tk: jax.Array) -> jax.Array:
+        """``(t, k)`` per token -> ``(t*k,)`` in priority order (position-major)."""
+        return a_tk.reshape(batch, length, k).transpose(1, 0, 2).reshape(-1)
+
+    expert_a = by_position(expert_tk)
+    token_a = by_position(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)))
     onehot_ae = jax.nn.one_hot(expert_a, num_e, dtype=jnp.int32)
     pos_a = jnp.take_along_axis(jnp.cumsum(onehot_ae, axis=0), expert_a[:, None], 1)[:, 0] - 1
     keep_a = pos_a < cap
@@ -86,8 +97,9 @@ def capacity_dispatch(
     token_s = jnp.full((num_e * cap,), t, jnp.int32).at[slot_a].set(token_a, mode="drop")
     buf_ecd = x_td.at[token_s].get(mode="fill", fill_value=0).reshape(num_e, cap, d)
     out_sd = _exchange_and_compute(buf_ecd, w, act, axes).reshape(num_e * cap, d)
-    y_ktd = out_sd.at[slot_a].get(mode="fill", fill_value=0).reshape(k, t, d)
-    y_td = jnp.einsum("ktd,kt->td", y_ktd, weight_tk.T.astype(y_ktd.dtype))
+    slot_tk = slot_a.reshape(length, batch, k).transpose(1, 0, 2).reshape(-1)  # token order
+    y_tkd = out_sd.at[slot_tk].get(mode="fill", fill_value=0).reshape(t, k, d)
+    y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     return y_td, jnp.sum(onehot_ae, axis=0), jnp.sum(~keep_a), k * t
 
 
@@ -186,7 +198,7 @@ def moe_shard(
         expert_tk, weight_tk = top_k_route(probs_te, s.top_k, s.renormalize)
         if s.dispatch == "capacity":
             y_td, count_e, dropped, of = capacity_dispatch(
-                x_td, expert_tk, weight_tk, w, act, cap, axes
+                x_td, expert_tk, weight_tk, w, act, cap, axes, length
             )
         else:
             y_td, count_e, dropped, of = dropless_dispatch(

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ffn_jax.ffn import FFN, get_variant
+from ffn_jax.ffn import FFN, get_variant, kernel_init
 from ffn_jax.moe.dispatch import NO_MESH, ShardAxes, moe_shard
 from ffn_jax.moe.experts import Weights
 from ffn_jax.moe.settings import MoESettings, validate
@@ -107,6 +107,8 @@ class MoEFFN(nnx.Module):
     ``moe_cfg`` is ``config.model.moe``; ``d_ff`` the dense parameter-matched width (expert
     width ``d_ff // granularity``). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
     ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
+    Init: router and ``w1``/``w3`` std ``1/sqrt(fan_in)``; ``w2`` (and the shared expert's)
+    times ``out_scale``, as the dense FFN it replaces (``1/sqrt(2 n_layers)`` in the LM).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class MoEFFN(nnx.Module):
         use_bias: bool = False,
         router_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
+        out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
         problems = validate(moe_cfg, d_model, None, None, d_ff=d_ff)
@@ -132,7 +135,7 @@ class MoEFFN(nnx.Module):
         self.deterministic = False
         e, f = s.num_experts, s.expert_width
         self.router = nnx.Param(
-            param(_expert_init(), ("embed", None))(rngs.params(), (d_model, e))
+            param(kernel_init(d_model), ("embed", None))(rngs.params(), (d_model, e))
         )
         zeros = nnx.initializers.zeros_init()
         self.router_bias = (
@@ -141,7 +144,7 @@ class MoEFFN(nnx.Module):
         w_in = param(_expert_init(), ("expert", "embed", "mlp"))
         self.w1 = nnx.Param(w_in(rngs.params(), (e, d_model, f)))
         self.w3 = nnx.Param(w_in(rngs.params(), (e, d_model, f))) if self.variant.gated else None
-        self.w2 = nnx.Param(param(_expert_init(), ("expert", "mlp", "embed"))(
+        self.w2 = nnx.Param(param(_expert_init(out_scale), ("expert", "mlp", "embed"))(
             rngs.params(), (e, f, d_model)
         ))
         b_h, b_d = param(zeros, ("expert", "mlp")), param(zeros, ("expert", "embed"))
@@ -149,7 +152,8 @@ class MoEFFN(nnx.Module):
         self.b3 = nnx.Param(b_h(rngs.params(), (e, f))) if use_bias and self.variant.gated else None
         self.b2 = nnx.Param(b_d(rngs.params(), (e, d_model))) if use_bias else None
         self.shared = (
-            FFN(d_model, s.shared_width, variant, use_bias=use_bias, dtype=dtype, rngs=rngs)
+            FFN(d_model, s.shared_width, variant, use_bias=use_bias, dtype=dtype,
+                out_scale=out_scale, rngs=rngs)
             if s.shared_width
             else None
         )
