@@ -63,7 +63,7 @@ def _make(args, kind: str, n_layers: int):
 
     from configs.base import get_config
     from ffn_jax.ffn import FFN, matched_d_ff
-    from ffn_jax.moe import MoEFFN, moe_aux_loss
+    from ffn_jax.moe import MoEFFN, MoESettings, moe_aux_loss
 
     d_ff = matched_d_ff(args.variant, args.d_model)
     dtype = jnp.dtype(args.dtype)
@@ -71,12 +71,13 @@ def _make(args, kind: str, n_layers: int):
     cfg.num_experts, cfg.top_k, cfg.capacity_factor = args.experts, args.top_k, args.capacity_factor
     cfg.dispatch = "capacity" if kind == "capacity" else "dropless"
     cfg.dropless_impl = "ragged" if kind == "capacity" else kind
+    settings = MoESettings.from_block(cfg.to_dict(), d_ff)
 
     def build(i: int):
         rngs = nnx.Rngs(i)
         if kind == "dense":
             return FFN(args.d_model, args.top_k * d_ff, args.variant, dtype=dtype, rngs=rngs)
-        return MoEFFN(args.d_model, cfg, variant=args.variant, d_ff=d_ff, dtype=dtype, rngs=rngs)
+        return MoEFFN(args.d_model, settings, variant=args.variant, dtype=dtype, rngs=rngs)
 
     class Stack(nnx.Module):
         def __init__(self):
@@ -89,7 +90,7 @@ def _make(args, kind: str, n_layers: int):
                 out = layer(h)
                 if isinstance(out, tuple):
                     out, aux = out
-                    loss = loss + moe_aux_loss(aux, cfg)
+                    loss = loss + moe_aux_loss(aux, settings)
                 x = x + out
             return jnp.mean(jnp.square(x)) + loss
 
@@ -134,7 +135,6 @@ def run_sharded(args) -> None:
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-    from ml_collections import ConfigDict
 
     from ffn_jax import sharding
 
@@ -150,7 +150,7 @@ def run_sharded(args) -> None:
         _emit(bench="sharded_fwd_bwd", impl=kind, mesh="none (1 device)", **base)
         for data, expert in ((1, 8), (2, 4), (8, 1)):
             shape = dict(data=data, fsdp=1, expert=expert, tensor=1)
-            mesh = sharding.make_mesh(ConfigDict({"shape": shape}))
+            mesh = sharding.make_mesh(shape)
             with sharding.axis_rules(rules), jax.set_mesh(mesh):
                 placed = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
                 xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))

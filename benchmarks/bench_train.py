@@ -51,8 +51,10 @@ import jax.numpy as jnp  # noqa: E402
 from configs.base import get_config  # noqa: E402
 from ffn_jax import flops, sharding  # noqa: E402
 from ffn_jax.ffn import VARIANTS  # noqa: E402
-from ffn_jax.model import ATTENTION_IMPLS, REMAT_POLICIES, attention_impl, get_dtype  # noqa: E402
-from ffn_jax.trainer import build_run_state, make_train_step  # noqa: E402
+from ffn_jax.model import ATTENTION_IMPLS, REMAT_POLICIES  # noqa: E402
+from ffn_jax.run import build_run_state  # noqa: E402
+from ffn_jax.spec import ConfigError, RunSpec, from_config  # noqa: E402
+from ffn_jax.trainer import make_train_step  # noqa: E402
 
 SHAPES = {
     "cpu": dict(d_model=512, n_layers=8, n_heads=8, seq_len=256, vocab=8192, batch=8,
@@ -60,7 +62,7 @@ SHAPES = {
     "gpu": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab=50304, batch=32,
                 dtype="bfloat16"),
 }
-SMOKE = dict(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab=256, batch=4)
+SMOKE = dict(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab=384, batch=4)
 # MoE rows: 8 experts, top-2, capacity factor 1.25, expert width = half the dense SwiGLU
 # width (granularity-style), so active FLOPs equal the dense SwiGLU row.
 DENSE_REFERENCE = "swiglu"  # the dense row each MoE row is compared with (moe_vs_dense lines)
@@ -77,9 +79,10 @@ def make_config(mode: str, variant: str, remat: str, smoke: bool, attention: str
     c = get_config("swiglu,size=tiny")
     m = c.model
     m.d_model, m.n_layers, m.n_heads = shape["d_model"], shape["n_layers"], shape["n_heads"]
-    m.n_kv_heads, m.vocab_size, m.dtype = shape["n_heads"], shape["vocab"], shape["dtype"]
+    m.n_kv_heads, m.dtype = shape["n_heads"], shape["dtype"]
     m.remat, m.attention = remat, attention
     c.data.seq_len, c.data.batch_size = shape["seq_len"], shape["batch"]
+    c.data.tokenizer, c.data.vocab_size = "bpe", shape["vocab"]  # the vocabulary, no data
     c.mesh.shape.data = 1
     if variant in MOE_PATHS:
         m.ffn = "swiglu"
@@ -90,17 +93,17 @@ def make_config(mode: str, variant: str, remat: str, smoke: bool, attention: str
     return c
 
 
-def measure(config, steps: int) -> dict:
-    """Compile and time the train step of ``config`` on one device (MFU left to the caller)."""
+def measure(spec: RunSpec, steps: int) -> dict:
+    """Compile and time the train step of ``spec`` on one device (MFU left to the caller)."""
     mesh = sharding.single_device_mesh()
-    rs = build_run_state(config, mesh)
-    b, t = config.data.batch_size, config.data.seq_len
+    rs = build_run_state(spec, mesh)
+    b, t = spec.data.batch_size, spec.data.seq_len
     with jax.set_mesh(mesh), sharding.axis_rules(rs.rules):
-        jitted = jax.jit(make_train_step(rs.graphdef, config),
+        jitted = jax.jit(make_train_step(rs.graphdef, spec.train),
                          in_shardings=(rs.state_shardings, rs.batch_sharding),
                          out_shardings=(rs.state_shardings, None), donate_argnums=0)
         batch = jax.device_put(
-            jax.random.randint(jax.random.key(0), (b, t + 1), 0, config.model.vocab_size,
+            jax.random.randint(jax.random.key(0), (b, t + 1), 0, spec.model.vocab_size,
                                dtype=jnp.int32), rs.batch_sharding)
         t0 = time.perf_counter()
         compiled = jitted.lower(rs.state, batch).compile()
@@ -121,7 +124,7 @@ def measure(config, steps: int) -> dict:
     if mem is not None:
         peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    fpt = flops.flops_per_token(config.model, t)["train"]
+    fpt = flops.flops_per_token(spec.model, t)["train"]
     tps = b * t / step_s
     return {"step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
             "steps_timed": steps, "tokens_per_s": tps,
@@ -167,18 +170,23 @@ def main() -> int:
         steps = {}
         for variant in variants:
             config = make_config(mode, variant, remat, args.smoke, attention)
-            m = config.model
             about = {"measurement": "train_step", "mode": mode, "variant": variant,
-                     "remat": remat, "dtype": m.dtype, "d_model": m.d_model,
-                     "n_layers": m.n_layers, "seq_len": config.data.seq_len,
-                     "batch": config.data.batch_size, "vocab": m.vocab_size,
-                     "attention": attention_impl(m.attention, get_dtype(m.dtype),
-                                                 m.d_model // m.n_heads)}
+                     "remat": remat, "dtype": config.model.dtype,
+                     "d_model": config.model.d_model, "n_layers": config.model.n_layers,
+                     "seq_len": config.data.seq_len, "batch": config.data.batch_size,
+                     "vocab": config.data.vocab_size, "attention": attention}
+            try:  # the spec resolves the attention backend (and refuses cuDNN where it can't)
+                spec = from_config(config, num_devices=1)
+            except ConfigError as e:
+                failed += 1
+                print(json.dumps({**about, "error": f"ConfigError: {e.problems[0]}"}), flush=True)
+                continue
+            about.update(vocab=spec.model.vocab_size, attention=spec.model.attention_impl)
             # The MFU denominator: the best matmul throughput measured in this process, at
             # start and around each row (a half-speed spell during one measurement is outvoted).
             before = flops.measure_matmul_peak(peak_dtype, n=n)
             try:
-                row = measure(config, args.steps)
+                row = measure(spec, args.steps)
             except Exception as e:  # noqa: BLE001 - one row's failure (e.g. OOM) is reported
                 failed += 1
                 first = (str(e).strip().splitlines() or [""])[0][:500]

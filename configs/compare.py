@@ -79,6 +79,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s = c.sweep = config_dict.ConfigDict()
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
     s.seeds = p["seeds"]  # seeds 0 .. n-1 (init and data order)
+    s.axes = ""  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
     # Named variants beyond the registry: model / model.moe fields (MoE, the 2017 block).
     s.presets = config_dict.ConfigDict(
         {**MOE_PRESETS, "original": dict(ffn="relu", max_seq_len=p["seq_len"],

@@ -10,7 +10,8 @@ import sys
 
 from ml_collections import ConfigDict
 
-from ffn_jax.configuration import ConfigError
+from ffn_jax.configuration import ConfigError, resolve
+from ffn_jax.spec import distributed_spec
 from ffn_jax.trainer import NonFiniteLossError
 
 
@@ -33,12 +34,13 @@ def run_train(config: ConfigDict, workdir: str) -> None:
     from ffn_jax.trainer import train_and_evaluate
 
     try:
-        if distributed.initialize(config.distributed):  # before anything touches jax devices
+        # Before anything touches jax devices:
+        if distributed.initialize(distributed_spec(config.distributed)):
             distributed.log_from_process_zero_only()
         if sweep.is_sweep(config):
             sweep.train_sweep(config, workdir)
         else:
-            result = train_and_evaluate(config, workdir)
+            result = train_and_evaluate(resolve(config), workdir)
             print(json.dumps(result))
     except ConfigError as e:
         _fail(str(e).replace("\n", "\nerror: "), 2)

@@ -1,4 +1,5 @@
-"""Multi-host start-up: ``jax.distributed.initialize`` from ``config.distributed``.
+"""Multi-host start-up: ``jax.distributed.initialize`` from the distributed spec
+(``config.distributed``, see ``ffn_jax.spec.DistributedSpec``).
 
 Every process of a multi-host job runs the same ``train.py`` command; before anything asks
 jax about devices, :func:`initialize` connects the processes so that ``jax.devices()`` lists
@@ -30,8 +31,12 @@ import re
 import sys
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
+
+if TYPE_CHECKING:
+    from ffn_jax.spec import DistributedSpec
 
 from ffn_jax.configuration import ConfigError
 
@@ -47,7 +52,7 @@ class DistributedInitError(RuntimeError):
     """``jax.distributed.initialize`` could not run (e.g. jax already started its backend)."""
 
 
-def config_problems(cfg) -> list[str]:
+def config_problems(cfg: DistributedSpec) -> list[str]:
     """Every problem of ``config.distributed``, one line each (field, value, fix)."""
     p = []
     if cfg.initialize not in MODES:
@@ -74,7 +79,7 @@ def _on_cloud_tpu_vm() -> bool:
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
-def cluster_hint(cfg, env: Mapping[str, str] | None = None) -> str | None:
+def cluster_hint(cfg: DistributedSpec, env: Mapping[str, str] | None = None) -> str | None:
     """Why this process looks like one of several (a short reason), or None."""
     env = os.environ if env is None else env
     if cfg.coordinator_address or cfg.num_processes > 1:
@@ -92,7 +97,8 @@ def cluster_hint(cfg, env: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def should_initialize(cfg, env: Mapping[str, str] | None = None) -> tuple[bool, str]:
+def should_initialize(cfg: DistributedSpec, env: Mapping[str, str] | None = None
+                      ) -> tuple[bool, str]:
     """Whether to call ``jax.distributed.initialize`` and why (for the log)."""
     if cfg.initialize == "never":
         return False, "distributed.initialize='never'"
@@ -102,7 +108,7 @@ def should_initialize(cfg, env: Mapping[str, str] | None = None) -> tuple[bool, 
     return (True, hint) if hint else (False, "no multi-process environment detected")
 
 
-def _timeout_message(cfg) -> str:
+def _timeout_message(cfg: DistributedSpec) -> str:
     address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(detected)"
     n = cfg.num_processes or "(detected)"
     pid = cfg.process_id if cfg.process_id >= 0 else "(detected)"
@@ -113,7 +119,7 @@ def _timeout_message(cfg) -> str:
             "that every process was started")
 
 
-def _watchdog(cfg) -> threading.Timer:
+def _watchdog(cfg: DistributedSpec) -> threading.Timer:
     """A started timer that ends the process with one clear line after ``timeout_s``."""
 
     def expire() -> None:
@@ -126,7 +132,7 @@ def _watchdog(cfg) -> threading.Timer:
     return timer
 
 
-def initialize(cfg) -> bool:
+def initialize(cfg: DistributedSpec) -> bool:
     """Connect this process to the others if ``cfg`` (``config.distributed``) says so.
 
     Call before anything touches jax devices. Returns True if jax.distributed is (now)

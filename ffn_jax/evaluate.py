@@ -8,7 +8,6 @@ writes ``eval.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from ml_collections import ConfigDict
 
 from ffn_jax import data as data_lib
+from ffn_jax.data import Prepared
+from ffn_jax.model import token_nll
+from ffn_jax.run import EVAL_FILE, RunState, restore, write_json_atomic
+from ffn_jax.spec import DataSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +34,21 @@ def make_eval_step(graphdef: nnx.GraphDef, state_shardings, batch_sharding: Name
         model, _ = nnx.merge(graphdef, state)
         model.eval()
         logits, _ = model(inputs)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        nll = logz - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nll, _ = token_nll(logits, targets)
         return jnp.sum(nll * mask), jnp.sum(mask)
 
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding, batch_sharding,
                                        batch_sharding))
 
 
-def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes: np.ndarray,
-                   max_batches: int = 0) -> dict:
+def evaluate_split(eval_step, state, shard, data: DataSpec, rs: RunState,
+                   token_bytes: np.ndarray, max_batches: int = 0) -> dict:
     """Loss / perplexity / bits per byte over ``shard`` (the first ``max_batches`` batches,
     or all of it when 0). ``rs`` supplies the mesh and batch sharding."""
     total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
     sums = []
     batches = data_lib.eval_batches(
-        shard, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+        shard, seq_len=data.seq_len, batch_size=data.batch_size,
         max_batches=max_batches, token_bytes=token_bytes,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
@@ -73,52 +74,26 @@ def evaluate_split(eval_step, state, shard, config: ConfigDict, rs, token_bytes:
     }
 
 
-def restore_run(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
-    """Rebuild a run from ``workdir`` and restore its checkpoint (latest or ``step``) onto
-    ``mesh`` (default: the run's configured mesh on the current devices).
-
-    Returns ``(config, prep, run_state, state, step)``.
-    """
-    from ffn_jax.checkpoint import Checkpointer
-    from ffn_jax.configuration import load_config
-    from ffn_jax.trainer import build_run_state
-
-    config = load_config(workdir)
-    ckpt = Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
-    if not ckpt.steps():
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints; train it first "
-                                "(python train.py --workdir=... with its config)")
-    prep = data_lib.prepare(config.data, workdir)
-    rs = build_run_state(config, mesh)
-    restored = ckpt.restore(rs.state, None, step)
-    ckpt.close()
-    state, _, step = restored
-    return config, prep, rs, state, step
-
-
 def evaluate_run(workdir: str, step: int | None = None,
                  splits: tuple[str, ...] = ("validation", "test")) -> dict:
     """Score ``splits`` of the run in ``workdir`` and write ``workdir/eval.json``."""
-    config, prep, rs, state, step = restore_run(workdir, step)
-    with jax.set_mesh(rs.mesh):
-        eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
-        return score_splits(workdir, eval_step, state, step, config, prep, rs, splits)
+    r = restore(workdir, step)
+    with jax.set_mesh(r.rs.mesh):
+        eval_step = make_eval_step(r.rs.graphdef, r.rs.state_shardings, r.rs.batch_sharding)
+        return score_splits(workdir, eval_step, r.state, r.step, r.spec, r.prep, r.rs, splits)
 
 
-def score_splits(workdir: str, eval_step, state, step: int, config: ConfigDict, prep, rs,
-                 splits: tuple[str, ...] = ("validation", "test")) -> dict:
+def score_splits(workdir: str, eval_step, state, step: int, spec: RunSpec, prep: Prepared,
+                 rs: RunState, splits: tuple[str, ...] = ("validation", "test")) -> dict:
     """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``."""
     results = {
-        split: evaluate_split(eval_step, state, prep.splits[split], config, rs,
+        split: evaluate_split(eval_step, state, prep.splits[split], spec.data, rs,
                               prep.tokenizer.token_bytes)
         for split in splits
     }
-    out = {"step": step, "name": config.name, **results}
+    out = {"step": step, "name": spec.name, **results}
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "eval.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
     return out
 
 
@@ -131,11 +106,11 @@ def sample(workdir: str, prompt: str, *, max_new_tokens: int = 200, temperature:
     """
     from ffn_jax.sharding import single_device_mesh
 
-    config, prep, rs, state, _ = restore_run(workdir, step, single_device_mesh())
-    tok = prep.tokenizer
-    seq_len = config.data.seq_len
+    r = restore(workdir, step, single_device_mesh())
+    tok = r.prep.tokenizer
+    seq_len = r.spec.data.seq_len
     ids = list(np.asarray(tok.encode(prompt), dtype=np.int64)) or [tok.eot_id]
-    model, _ = nnx.merge(rs.graphdef, state)
+    model, _ = nnx.merge(r.rs.graphdef, r.state)
     model.eval()
     mgd, mstate = nnx.split(model)
 
@@ -145,7 +120,7 @@ def sample(workdir: str, prompt: str, *, max_new_tokens: int = 200, temperature:
         return logits[0, pos]
 
     key = jax.random.key(seed)
-    with jax.set_mesh(rs.mesh):
+    with jax.set_mesh(r.rs.mesh):
         for _ in range(max_new_tokens):
             ctx = ids[-seq_len:]
             window = np.zeros(seq_len, np.int32)

@@ -233,7 +233,8 @@ def build_ffn(
     out_scale: float = 1.0,
     rngs: nnx.Rngs,
 ) -> FFN:
-    """The single way to build an FFN: ``d_ff`` defaults to the parameter-matched width."""
+    """A dense FFN of ``variant`` by name, ``d_ff`` defaulting to the parameter-matched width
+    (the LM builds ``FFN`` with ``ModelSpec.d_ff``, resolved by the same rule)."""
     if d_ff is None:
         d_ff = matched_d_ff(variant, d_model, multiplier, multiple_of)
     return FFN(

@@ -12,12 +12,15 @@ MFU = FLOPs/token x tokens/s / peak FLOP/s.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from ffn_jax import ffn as ffn_lib
-from ffn_jax.model import dense_d_ff, is_moe_layer
+
+if TYPE_CHECKING:
+    from ffn_jax.spec import ModelSpec
 
 # Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s), by device_kind substring; the
 # first match wins, so the specific kinds come before the general ones ("NVIDIA H100 PCIe"
@@ -35,21 +38,20 @@ DATASHEET_PEAK_BF16: tuple[tuple[str, float], ...] = (
 )
 
 
-def flops_per_token(model_cfg, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token (``train``) and its parts, for ``config.model``."""
-    m = model_cfg
-    h = m.d_model // m.n_heads
+def flops_per_token(m: ModelSpec, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (``train``) and its parts, for the model ``m``."""
+    h = m.head_dim
     attn_params = m.d_model * h * (2 * m.n_heads + 2 * m.n_kv_heads)
     attn = 2 * attn_params + 4 * seq_len * m.n_heads * h
-    d_ff = dense_d_ff(m)
     ffn_total = 0.0
     for layer in range(m.n_layers):
-        if is_moe_layer(layer, m):
+        if m.is_moe_layer(layer):
             from ffn_jax.moe import moe_cost
 
-            ffn_total += moe_cost(m.moe, m.ffn, m.d_model, d_ff)["flops_per_token"]
+            assert m.moe is not None
+            ffn_total += moe_cost(m.moe, m.ffn, m.d_model)["flops_per_token"]
         else:
-            ffn_total += ffn_lib.ffn_cost(m.ffn, m.d_model, d_ff, m.ffn_bias)["flops_per_token"]
+            ffn_total += ffn_lib.ffn_cost(m.ffn, m.d_model, m.d_ff, m.ffn_bias)["flops_per_token"]
     forward = m.n_layers * attn + ffn_total + 2 * m.d_model * m.vocab_size
     return {
         "train": 3.0 * forward,

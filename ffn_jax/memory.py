@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from ffn_jax.ffn import get_variant
-from ffn_jax.model import attention_impl, dense_d_ff, get_dtype, is_moe_layer
-from ffn_jax.moe.settings import MoESettings
+from ffn_jax.model import get_dtype
+
+if TYPE_CHECKING:
+    from ffn_jax.spec import ModelSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +65,15 @@ def _ways(logical: str, mesh: jax.sharding.Mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _ffn_parts(m, layer: int, tp: int) -> dict[str, float]:
+def _ffn_parts(m: ModelSpec, layer: int, tp: int) -> dict[str, float]:
     """Elements per token of one FFN's saved activations (matmul / elementwise)."""
     d = m.d_model
     gated = get_variant(m.ffn).gated
-    if not is_moe_layer(layer, m):
-        f = dense_d_ff(m) / tp
+    s = m.moe
+    if s is None or not m.is_moe_layer(layer):
+        f = m.d_ff / tp
         return {"matmul": (2 * f if gated else f) + d, "elementwise": (2 * f if gated else f)}
-    s = MoESettings.from_config(m.moe, dense_d_ff(m))
-    slots = s.capacity_factor * s.top_k if s.dispatch == "capacity" else s.top_k
+    slots = s.slots_per_token
     f = s.expert_width  # experts are not tensor-parallel inside the shard_map
     per_slot = (2 * f if gated else f) + d  # expert hidden + the slot's input row
     return {
@@ -79,18 +82,17 @@ def _ffn_parts(m, layer: int, tp: int) -> dict[str, float]:
     }
 
 
-def layer_bytes(m, layer: int, seq_len: int, mesh: jax.sharding.Mesh, rules) -> dict:
+def layer_bytes(m: ModelSpec, layer: int, seq_len: int, mesh: jax.sharding.Mesh, rules) -> dict:
     """Bytes per token of block ``layer``'s activations, by kind (see SAVED_BY_POLICY)."""
     dtype = get_dtype(m.dtype)
     a = np.dtype(dtype).itemsize
     tp = _ways("act_heads", mesh, rules)
-    d, n, k = m.d_model, m.n_heads, m.n_kv_heads
-    h = d // n
+    d, n, k, h = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim
     ffn = _ffn_parts(m, layer, _ways("act_mlp", mesh, rules))
-    if attention_impl(m.attention, dtype, h) == "cudnn":
-        attention = n / tp * 4  # flash attention keeps a float32 log-sum-exp per query row
-    else:
-        attention = n / tp * seq_len * (a + 4)  # scores in compute dtype, softmax float32
+    # cuDNN flash attention keeps a float32 log-sum-exp per query row; XLA's the scores in
+    # the compute dtype and the softmax in float32.
+    cudnn = m.attention_impl == "cudnn"
+    attention = n / tp * 4 if cudnn else n / tp * seq_len * (a + 4)
     return {
         "stream": 2 * d * a,
         "matmul": a * ((2 * n + 2 * k) * h / tp + d + ffn["matmul"]),
@@ -99,10 +101,10 @@ def layer_bytes(m, layer: int, seq_len: int, mesh: jax.sharding.Mesh, rules) -> 
     }
 
 
-def activation_bytes(config, mesh: jax.sharding.Mesh, rules) -> float:
+def activation_bytes(spec: RunSpec, mesh: jax.sharding.Mesh, rules) -> float:
     """Estimated bytes per device of the activations of one (micro-)batch's backward pass."""
-    m, t = config.model, config.data.seq_len
-    rows = config.data.batch_size / config.train.grad_accum / _ways("batch", mesh, rules)
+    m, t = spec.model, spec.data.seq_len
+    rows = spec.data.batch_size / spec.train.grad_accum / _ways("batch", mesh, rules)
     tokens = rows * t
     saved = SAVED_BY_POLICY[m.remat]
     per_layer = [layer_bytes(m, i, t, mesh, rules) for i in range(m.n_layers)]
@@ -112,18 +114,18 @@ def activation_bytes(config, mesh: jax.sharding.Mesh, rules) -> float:
     return tokens * (kept + working + logits)
 
 
-def estimate(config, state, mesh: jax.sharding.Mesh, rules) -> dict[str, int]:
+def estimate(spec: RunSpec, state, mesh: jax.sharding.Mesh, rules) -> dict[str, int]:
     """Estimated bytes per device of a train step: params, optimizer, gradients, activations.
 
     ``state`` is the run's ``(model, optimizer)`` state (arrays or ShapeDtypeStructs carrying
-    their shardings); ``config.model.vocab_size`` must be set.
+    their shardings).
     """
     params, opt = shard_bytes(state[0]), shard_bytes(state[1])
     out = {
         "params": params,
         "optimizer": opt,
-        "gradients": params * (2 if config.train.grad_accum > 1 else 1),
-        "activations": int(activation_bytes(config, mesh, rules)),
+        "gradients": params * (2 if spec.train.grad_accum > 1 else 1),
+        "activations": int(activation_bytes(spec, mesh, rules)),
     }
     out["total"] = sum(out.values())
     return out
@@ -151,9 +153,9 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:,.1f} MiB" if x < GIB else f"{x / GIB:,.2f} GiB"
 
 
-def log_memory(config, state, mesh: jax.sharding.Mesh, rules, compiled):
+def log_memory(spec: RunSpec, state, mesh: jax.sharding.Mesh, rules, compiled):
     """Log the estimate next to the compiled step's memory; return both (bytes per device)."""
-    est, xla = estimate(config, state, mesh, rules), compiled_bytes(compiled)
+    est, xla = estimate(spec, state, mesh, rules), compiled_bytes(compiled)
     parts = ", ".join(f"{k} {_mib(v)}" for k, v in est.items() if k != "total")
     line = f"memory per device: estimate {_mib(est['total'])} ({parts})"
     if xla is not None:

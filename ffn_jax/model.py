@@ -20,6 +20,7 @@ rotary is then off).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,13 @@ from flax import nnx
 from ffn_jax import ffn as ffn_lib
 from ffn_jax.sharding import constrain, param
 
+if TYPE_CHECKING:
+    from ffn_jax.spec import ModelSpec
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned")
-# Fields added after runs were already written: a config.json without them means these.
-LEGACY_DEFAULTS = {"norm_position": "pre", "positions": "rope", "max_seq_len": 0}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = {
     "none": None,
@@ -68,29 +70,6 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
         and head_dim % 8 == 0 and head_dim <= 128
     )
     return "cudnn" if fused else "xla"
-
-
-def option(cfg, field: str):
-    """``cfg.<field>`` for a field of ``LEGACY_DEFAULTS`` (its default if the config
-    predates it)."""
-    return cfg.get(field, LEGACY_DEFAULTS[field])
-
-
-def is_moe_layer(layer: int, cfg) -> bool:
-    """Whether block ``layer`` (0-based) holds the MoE FFN: the last block of each group."""
-    return cfg.moe.num_experts > 0 and (layer + 1) % cfg.moe.every == 0
-
-
-def group_size(cfg) -> int:
-    """Blocks per scanned group."""
-    return cfg.moe.every if cfg.moe.num_experts > 0 else 1
-
-
-def dense_d_ff(cfg) -> int:
-    """The FFN hidden width: ``model.d_ff`` or the parameter-matched rule."""
-    if cfg.d_ff:
-        return cfg.d_ff
-    return ffn_lib.matched_d_ff(cfg.ffn, cfg.d_model, cfg.ffn_multiplier, cfg.ffn_multiple_of)
 
 
 class Norm(nnx.Module):
@@ -133,18 +112,17 @@ class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query heads, rotary embeddings unless
     ``model.positions="learned"``."""
 
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-        d, n, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
-        h = d // n
+    def __init__(self, spec: ModelSpec, *, dtype, rngs: nnx.Rngs):
+        d, n, k, h = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = n, k, h
-        self.dtype, self.rope_theta = dtype, cfg.rope_theta
-        self.use_rotary = option(cfg, "positions") == "rope"
-        self.impl = attention_impl(cfg.attention, dtype, h)
+        self.dtype, self.rope_theta = dtype, spec.rope_theta
+        self.use_rotary = spec.positions == "rope"
+        self.impl = spec.attention_impl
         init = ffn_lib.kernel_init(d)
         self.wq = nnx.Param(param(init, ("embed", "heads", "kv"))(rngs.params(), (d, n, h)))
         self.wk = nnx.Param(param(init, ("embed", "kv_heads", "kv"))(rngs.params(), (d, k, h)))
         self.wv = nnx.Param(param(init, ("embed", "kv_heads", "kv"))(rngs.params(), (d, k, h)))
-        out_init = ffn_lib.kernel_init(d, 1.0 / math.sqrt(2 * cfg.n_layers))
+        out_init = ffn_lib.kernel_init(d, 1.0 / math.sqrt(2 * spec.n_layers))
         self.wo = nnx.Param(param(out_init, ("heads", "kv", "embed"))(rngs.params(), (n, h, d)))
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
@@ -166,26 +144,27 @@ class Block(nnx.Module):
     """Residual block. Pre-norm: ``x + attn(norm1(x))`` then ``x + ffn(norm2(x))``;
     post-norm: ``norm1(x + attn(x))`` then ``norm2(x + ffn(x))``. Dropout on each branch."""
 
-    def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
-        dtype = get_dtype(cfg.dtype)
-        self.norm1 = Norm(cfg.d_model, cfg.norm)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.norm2 = Norm(cfg.d_model, cfg.norm)
-        out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+    def __init__(self, spec: ModelSpec, *, moe: bool, rngs: nnx.Rngs):
+        dtype = get_dtype(spec.dtype)
+        self.norm1 = Norm(spec.d_model, spec.norm)
+        self.attn = Attention(spec, dtype=dtype, rngs=rngs)
+        self.norm2 = Norm(spec.d_model, spec.norm)
+        out_scale = 1.0 / math.sqrt(2 * spec.n_layers)
         if moe:
             from ffn_jax.moe import MoEFFN
 
+            assert spec.moe is not None
             self.ffn = MoEFFN(
-                cfg.d_model, cfg.moe, variant=cfg.ffn, d_ff=dense_d_ff(cfg),
-                use_bias=cfg.ffn_bias, dtype=dtype, out_scale=out_scale, rngs=rngs,
+                spec.d_model, spec.moe, variant=spec.ffn, use_bias=spec.ffn_bias, dtype=dtype,
+                out_scale=out_scale, rngs=rngs,
             )
         else:
-            self.ffn = ffn_lib.build_ffn(
-                cfg.ffn, cfg.d_model, d_ff=dense_d_ff(cfg), use_bias=cfg.ffn_bias,
-                dropout=cfg.dropout, dtype=dtype, out_scale=out_scale, rngs=rngs,
+            self.ffn = ffn_lib.FFN(
+                spec.d_model, spec.d_ff, spec.ffn, use_bias=spec.ffn_bias, dropout=spec.dropout,
+                dtype=dtype, out_scale=out_scale, rngs=rngs,
             )
-        self.drop = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
-        self.post_norm = option(cfg, "norm_position") == "post"
+        self.drop = nnx.Dropout(spec.dropout, rngs=rngs) if spec.dropout > 0 else None
+        self.post_norm = spec.norm_position == "post"
 
     def _residual(self, norm: Norm, x: jax.Array, y: jax.Array) -> jax.Array:
         """``x + drop(y)``, normalised by ``norm`` in post-norm."""
@@ -215,10 +194,9 @@ class Block(nnx.Module):
 class LayerGroup(nnx.Module):
     """``group_size`` consecutive blocks; the last holds the MoE FFN in MoE models."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        n = group_size(cfg)
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         self.blocks = nnx.List(
-            [Block(cfg, moe=is_moe_layer(i, cfg), rngs=rngs) for i in range(n)]
+            [Block(spec, moe=spec.is_moe_layer(i), rngs=rngs) for i in range(spec.group_size)]
         )
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
@@ -236,35 +214,35 @@ class LM(nnx.Module):
     Post-norm models have no ``final_norm``; learned positions add ``pos_embed``.
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        validate_model(cfg)
-        self.d_model = cfg.d_model
-        self.dtype = get_dtype(cfg.dtype)
-        self.n_groups = cfg.n_layers // group_size(cfg)
-        d, v = cfg.d_model, cfg.vocab_size
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        self.d_model = spec.d_model
+        self.dtype = get_dtype(spec.dtype)
+        self.n_groups = spec.n_layers // spec.group_size
+        d, v = spec.d_model, spec.vocab_size
         emb_init = nnx.initializers.normal(1.0 / math.sqrt(d))
         self.embed = nnx.Param(param(emb_init, ("vocab", "embed"))(rngs.params(), (v, d)))
         self.unembed = (
-            None if cfg.tie_embeddings
+            None if spec.tie_embeddings
             else nnx.Param(param(ffn_lib.kernel_init(d), ("embed", "vocab"))(rngs.params(), (d, v)))
         )
 
         @nnx.split_rngs(splits=self.n_groups)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_groups(rngs: nnx.Rngs) -> LayerGroup:
-            return LayerGroup(cfg, rngs=rngs)
+            return LayerGroup(spec, rngs=rngs)
 
         self.layers = make_groups(rngs)
-        self.final_norm = None if option(cfg, "norm_position") == "post" else Norm(d, cfg.norm)
+        self.final_norm = None if spec.norm_position == "post" else Norm(d, spec.norm)
         # Learned positions start at the RMS of the 2017 sinusoid table (1/sqrt(2)), beside
         # token embeddings of RMS 1 after the sqrt(d) scale.
         pos_init = param(nnx.initializers.normal(1.0 / math.sqrt(2)), (None, "embed"))
         self.pos_embed = (
-            nnx.Param(pos_init(rngs.params(), (cfg.max_seq_len, d)))
-            if option(cfg, "positions") == "learned" else None
+            nnx.Param(pos_init(rngs.params(), (spec.max_seq_len, d)))
+            if spec.positions == "learned" else None
         )
-        self.remat_policy = cfg.remat
-        self.scan_layers = cfg.scan_layers
+        self.remat_policy = spec.remat
+        self.scan_layers = spec.scan_layers
+        self.moe = spec.moe  # static: weights the MoE auxiliary losses in ``lm_loss``
 
     def _apply_layers(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict]:
         def body(group: LayerGroup, x):
@@ -320,71 +298,36 @@ class LM(nnx.Module):
         return self.head(x), aux
 
 
-def validate_model(cfg) -> None:
-    """Raise ValueError on the first impossible model setting (one line, field and fix)."""
-    problems = model_problems(cfg)
-    if problems:
-        raise ValueError(problems[0])
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood ``(b, t)`` of ``targets`` and the log-partition
+    ``logsumexp(logits) (b, t)``; the one NLL of training and evaluation."""
+    logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    nll_bt = logz_bt - jnp.take_along_axis(logits_btv, targets_bt[..., None], -1)[..., 0]
+    return nll_bt, logz_bt
 
 
-def model_problems(cfg, mesh_shape: dict | None = None) -> list[str]:
-    """Every problem of ``config.model`` as one line each (field, value, fix); MoE checks
-    against the expert axis of ``mesh_shape`` when given."""
-    p: list[str] = []
-    if cfg.ffn not in ffn_lib.VARIANTS:
-        p.append(f"model.ffn={cfg.ffn!r} is unknown; valid variants: {', '.join(ffn_lib.VARIANTS)}")
-    if cfg.dtype not in DTYPES:
-        p.append(f"model.dtype={cfg.dtype!r} is not supported; use one of {list(DTYPES)}")
-    if cfg.norm not in NORMS:
-        p.append(f"model.norm={cfg.norm!r} is not supported; use one of {list(NORMS)}")
-    if option(cfg, "norm_position") not in NORM_POSITIONS:
-        p.append(f"model.norm_position={cfg.norm_position!r} is not supported; use one of "
-                 f"{list(NORM_POSITIONS)}")
-    positions = option(cfg, "positions")
-    if positions not in POSITIONS:
-        p.append(f"model.positions={positions!r} is not supported; use one of {list(POSITIONS)}")
-    if positions == "learned" and option(cfg, "max_seq_len") <= 0:
-        p.append(f"model.max_seq_len={option(cfg, 'max_seq_len')} must be positive with "
-                 "learned positions; set it to at least data.seq_len")
-    if cfg.remat not in REMAT_POLICIES:
-        p.append(f"model.remat={cfg.remat!r} is not supported; use one of {list(REMAT_POLICIES)}")
-    if cfg.attention not in ATTENTION_IMPLS:
-        p.append(f"model.attention={cfg.attention!r} is not supported; use one of "
-                 f"{list(ATTENTION_IMPLS)}")
-    elif cfg.attention == "cudnn" and cfg.dtype in DTYPES and cfg.n_heads > 0:
-        h = cfg.d_model // cfg.n_heads
-        if attention_impl("auto", DTYPES[cfg.dtype], h) != "cudnn":
-            p.append(f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype=bfloat16 and a "
-                     f"head dim that is a multiple of 8 up to 128 (here "
-                     f"{jax.devices()[0].device_kind}, {cfg.dtype}, {h}); use 'auto'")
-    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_multiple_of"):
-        if cfg[field] <= 0:
-            p.append(f"model.{field}={cfg[field]} must be positive")
-    if cfg.vocab_size is not None and cfg.vocab_size <= 0:
-        p.append(f"model.vocab_size={cfg.vocab_size} must be positive")
-    if cfg.d_ff is not None and cfg.d_ff <= 0:
-        p.append(f"model.d_ff={cfg.d_ff} must be positive (or None for the matched width)")
-    if cfg.n_heads > 0 and cfg.d_model % cfg.n_heads:
-        p.append(f"model.d_model={cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}; "
-                 "pick a head count that divides it")
-    elif positions == "rope" and cfg.n_heads > 0 and (cfg.d_model // cfg.n_heads) % 2:
-        p.append(f"model.d_model/n_heads={cfg.d_model // cfg.n_heads} must be even for rotary "
-                 "embeddings; change model.n_heads")
-    if cfg.n_kv_heads > 0 and cfg.n_heads % cfg.n_kv_heads:
-        p.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads="
-                 f"{cfg.n_kv_heads}; use a divisor for grouped-query attention")
-    if not 0.0 <= cfg.dropout < 1.0:
-        p.append(f"model.dropout={cfg.dropout} must be in [0, 1)")
-    moe = cfg.moe
-    if moe.num_experts < 0:
-        p.append(f"model.moe.num_experts={moe.num_experts} must be >= 0 (0 = dense)")
-    if moe.num_experts > 0:
-        if moe.every < 1 or cfg.n_layers % moe.every:
-            p.append(f"model.moe.every={moe.every} must divide model.n_layers={cfg.n_layers}")
-        from ffn_jax import moe as moe_lib
+def lm_loss(model: LM, tokens_bt: jax.Array, logits_z_loss: float = 0.0
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training loss on ``tokens (b, t+1)``: mean next-token NLL, plus
+    ``logits_z_loss * mean(logz^2)`` when positive, plus the MoE auxiliary losses weighted by
+    the model's MoE settings. Returns ``(loss, metrics)``; MoE metrics are per layer."""
+    logits, aux = model(tokens_bt[:, :-1])
+    nll_bt, logz_bt = token_nll(logits, tokens_bt[:, 1:])
+    nll = jnp.mean(nll_bt)
+    loss, metrics = nll, {"nll": nll}
+    if logits_z_loss > 0:
+        z = jnp.mean(jnp.square(logz_bt))
+        loss = loss + logits_z_loss * z
+        metrics["logits_z_loss"] = z
+    if aux:
+        from ffn_jax.moe import moe_aux_loss
 
-        p.extend(moe_lib.validate(moe, cfg.d_model, cfg.n_layers, mesh_shape))
-    return p
+        assert model.moe is not None
+        moe_loss = moe_aux_loss(aux, model.moe)
+        loss = loss + moe_loss
+        metrics["moe_aux_loss"] = moe_loss
+        metrics.update({f"moe/{k}": v for k, v in aux.items()})  # per layer (stacked)
+    return loss, metrics
 
 
 def count_params(model: nnx.Module) -> int:

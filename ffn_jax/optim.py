@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule from ``config.train`` (optax).
+"""Optimiser and learning-rate schedule from the train spec (optax).
 
 AdamW with decoupled weight decay applied to matrices (and, by config, to norms, biases
 and the embedding), global-norm clipping, and a warmup + cosine / linear / constant
@@ -7,29 +7,59 @@ schedule.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import jax
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+if TYPE_CHECKING:
+    from ffn_jax.spec import TrainSpec
+
 NORM_PARAMS = ("scale",)  # RMSNorm / LayerNorm gains
 BIAS_PARAMS = ("b1", "b2", "b3", "bias", "router_bias")
 EMBED_PARAMS = ("embed", "unembed", "pos_embed")
 
 
-def make_schedule(t) -> optax.Schedule:
-    """Linear warmup from 0 to ``t.lr`` over ``t.warmup_steps``, then the chosen decay to
-    ``t.min_lr_ratio * t.lr`` at ``t.steps`` (or constant)."""
+def _cosine(t: TrainSpec, steps: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(t.lr, steps, alpha=t.min_lr_ratio)
+
+
+def _linear(t: TrainSpec, steps: int) -> optax.Schedule:
+    return optax.linear_schedule(t.lr, t.lr * t.min_lr_ratio, steps)
+
+
+def _constant(t: TrainSpec, steps: int) -> optax.Schedule:
+    del steps
+    return optax.constant_schedule(t.lr)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """One learning-rate schedule after the warmup: ``build(train_spec, decay_steps)`` and
+    the ``train.*`` fields it reads besides ``lr`` (so a reader knows what matters)."""
+
+    name: str
+    build: Callable[[TrainSpec, int], optax.Schedule]
+    fields: tuple[str, ...]
+    description: str
+
+
+SCHEDULES: dict[str, Schedule] = {
+    s.name: s for s in (
+        Schedule("cosine", _cosine, ("min_lr_ratio",), "cosine decay to min_lr_ratio * lr"),
+        Schedule("linear", _linear, ("min_lr_ratio",), "linear decay to min_lr_ratio * lr"),
+        Schedule("constant", _constant, (), "lr after the warmup"),
+    )
+}
+
+
+def make_schedule(t: TrainSpec) -> optax.Schedule:
+    """Linear warmup from 0 to ``t.lr`` over ``t.warmup_steps``, then the schedule
+    ``t.schedule`` of ``SCHEDULES`` over the remaining steps."""
     warmup = optax.linear_schedule(0.0, t.lr, max(1, t.warmup_steps))
-    decay_steps = max(1, t.steps - t.warmup_steps)
-    end = t.lr * t.min_lr_ratio
-    if t.schedule == "cosine":
-        after = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.min_lr_ratio)
-    elif t.schedule == "linear":
-        after = optax.linear_schedule(t.lr, end, decay_steps)
-    elif t.schedule == "constant":
-        after = optax.constant_schedule(t.lr)
-    else:
-        raise ValueError(f"train.schedule={t.schedule!r} is unknown; use one of {SCHEDULES}")
+    after = SCHEDULES[t.schedule].build(t, max(1, t.steps - t.warmup_steps))
     return optax.join_schedules([warmup, after], [t.warmup_steps])
 
 
@@ -39,7 +69,7 @@ def _param_name(path) -> str:
     return names[-1] if names else ""
 
 
-def decay_mask(t, params):
+def decay_mask(t: TrainSpec, params):
     """Boolean tree: True where weight decay applies."""
 
     def rule(path, _):
@@ -55,7 +85,7 @@ def decay_mask(t, params):
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
+def make_optimizer(t: TrainSpec) -> optax.GradientTransformation:
     """Clip (if ``t.grad_clip > 0``) then AdamW with the schedule and the decay mask."""
     adamw = optax.adamw(
         make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,

@@ -1,28 +1,36 @@
 """The comparison report of a sweep: ``results.md``, ``results.csv`` and two plots.
 
-Per variant (mean +/- sample std over seeds): validation and test loss, perplexity and bits
-per byte; parameters (total / active) and training FLOPs per token; the paired difference
-of test loss from the ReLU baseline (same seeds = same data order) with a paired t-test at
-95%; throughput, MFU and wall time from the runs' metrics.
+One row per group of runs that differ only in the seed (a variant, or a variant at one
+point of the sweep's axes): mean +/- sample std over seeds of validation and test loss,
+perplexity and bits per byte; parameters (total / active) and training FLOPs per token;
+the paired difference of test loss from the ReLU baseline at the same axis values (same
+seeds = same data order) with a paired t-test at 95%; throughput, MFU and wall time from
+the runs' metrics.
+
+The table is data: ``COLUMNS`` lists every column once (its record key, how seeds are
+aggregated, its markdown header and cell), and the record, the aggregate, the markdown and
+the CSV are all derived from it. A new column is one entry.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
 import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
-from ffn_jax.configuration import load_config
 from ffn_jax.flops import flops_per_token
 from ffn_jax.metrics import read_metrics
+from ffn_jax.run import EVAL_FILE, PROVENANCE_FILE, latest_step, load_spec, read_json
+from ffn_jax.spec import ModelSpec, RunSpec, config_field_names
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +42,19 @@ SPLITS = ("validation", "test")
 METRICS = ("loss", "perplexity", "bits_per_byte")
 
 
-def param_counts(config: ConfigDict) -> dict[str, int]:
-    """Total parameters of the run's model and those active per token (MoE: routed experts
+def param_counts(m: ModelSpec) -> dict[str, int]:
+    """Total parameters of the model ``m`` and those active per token (MoE: routed experts
     count only top-k of E)."""
-    from ffn_jax.model import LM, dense_d_ff, is_moe_layer
+    from ffn_jax.model import LM
 
-    m = config.model
     abstract = nnx.eval_shape(lambda: LM(m, rngs=nnx.Rngs(0)))
     total = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     active = total
-    if m.moe.num_experts > 0:
+    if m.moe is not None:
         from ffn_jax.moe import moe_cost
 
-        cost = moe_cost(m.moe, m.ffn, m.d_model, dense_d_ff(m))
-        n_moe = sum(is_moe_layer(i, m) for i in range(m.n_layers))
+        cost = moe_cost(m.moe, m.ffn, m.d_model)
+        n_moe = m.ffn_kinds.count("moe")
         active -= n_moe * (cost["total_params"] - cost["active_params"])
     return {"params_total": int(total), "params_active": int(active)}
 
@@ -55,15 +62,13 @@ def param_counts(config: ConfigDict) -> dict[str, int]:
 def _run_eval(run_dir: str) -> dict:
     """``eval.json`` of the run, (re)computed if missing or older than the last checkpoint."""
     from ffn_jax.evaluate import evaluate_run
-    from ffn_jax.trainer import latest_step
 
-    path = os.path.join(run_dir, "eval.json")
+    path = os.path.join(run_dir, EVAL_FILE)
     latest = latest_step(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints; finish the sweep with train.py")
     if os.path.exists(path):
-        with open(path) as f:
-            ev = json.load(f)
+        ev = read_json(path)
         if ev.get("step") == latest:
             return ev
     log.info("evaluating %s", run_dir)
@@ -81,52 +86,111 @@ def _throughput(rows: list[dict]) -> dict:
     }
 
 
-# Settings every run of a comparison must share.
-SHARED_FIELDS = ("data", "train.steps", "train.lr", "train.schedule", "train.warmup_steps",
-                 "model.d_model", "model.n_layers", "model.n_heads")
+# ---- the columns ------------------------------------------------------------------------
 
 
-def _shared(config: ConfigDict) -> dict:
-    flat = {}
-    for field in SHARED_FIELDS:
-        node = config
-        for part in field.split("."):
-            node = node[part]
-        flat[field] = node.to_dict() if isinstance(node, ConfigDict) else node
-    flat["data"].pop("cache_dir", None)
-    flat["data"].pop("num_workers", None)
-    return flat
+def _pm(key: str, digits: int) -> Callable[[dict], str]:
+    return lambda r: f"{r[f'{key}_mean']:.{digits}f} ± {r[f'{key}_std']:.{digits}f}"
 
 
-def check_compatible(run_dirs: list[str]) -> list[ConfigDict]:
-    """The runs' configs; ValueError if they differ in settings a comparison must share."""
-    configs = [load_config(d) for d in run_dirs]
-    ref = _shared(configs[0])
-    for d, c in zip(run_dirs, configs, strict=True):
-        diff = [k for k, v in _shared(c).items() if v != ref[k]]
+def _delta(r: dict) -> str:
+    if r["significant"] in ("baseline", "no relu"):
+        return "—"
+    return f"{r['d_test_loss']:+.4f} ± {r['d_test_loss_se']:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One report column: ``key`` in the run record; ``agg`` how runs of a group combine
+    (``"first"``: equal across seeds, ``"seeds"``: mean and sample std -> ``key_mean`` /
+    ``key_std``, ``"mean"``: mean of the runs that have it, ``"paired"``: the paired test
+    against the baseline); ``header``/``cell`` its markdown column (None: CSV only)."""
+
+    key: str
+    agg: str
+    header: str | None = None
+    cell: Callable[[dict], str] | None = None
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("label", "first", "variant",
+           lambda r: r["label"] + ("" if r["causal"] else " (non-causal!)")),
+    Column("seeds", "first"),
+    Column("causal", "first"),
+    Column("params_total", "first", "params (total / active)",
+           lambda r: f"{r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M"),
+    Column("params_active", "first"),
+    Column("flops_per_token", "first", "train MFLOPs/tok",
+           lambda r: f"{r['flops_per_token'] / 1e6:.2f}"),
+    Column("tokens", "first"),
+    *(Column(f"{split}_{k}", "seeds") for split in SPLITS for k in METRICS),
+    Column("d_test_loss", "paired", "Δ test loss vs relu", _delta),
+    Column("significant", "paired", "sig. (95%)", lambda r: r["significant"]),
+    Column("tokens_per_s", "mean", "tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+    Column("mfu", "mean", "MFU", lambda r: f"{100 * r['mfu']:.1f}%"),
+    Column("train_time_s", "mean", "time (s)", lambda r: f"{r['train_time_s']:.0f}"),
+)
+# Markdown cells of the per-seed metrics, placed after the FLOPs column.
+METRIC_CELLS = (("val loss", _pm("validation_loss", 4)), ("test loss", _pm("test_loss", 4)),
+                ("test ppl", _pm("test_perplexity", 3)),
+                ("test bits/byte", _pm("test_bits_per_byte", 4)))
+
+
+# ---- records ------------------------------------------------------------------------------
+
+
+def _shared(spec: RunSpec, varied: set[str]) -> dict[str, Any]:
+    """The fields a comparison's runs must share (``shared`` spec metadata), minus the
+    ones the sweep varies on purpose."""
+    out = {}
+    for field in config_field_names("shared"):
+        if field in varied:
+            continue
+        section, name = field.split(".")
+        out[field] = spec.source[section][name]
+    return out
+
+
+def load_specs(run_dirs: list[str]) -> list[RunSpec]:
+    """The runs' specs; ValueError if they differ in settings a comparison must share."""
+    specs = [load_spec(d) for d in run_dirs]
+    varied = {k for s in specs for k in s.group if k not in ("variant", "seed")}
+    ref = _shared(specs[0], varied)
+    for d, s in zip(run_dirs, specs, strict=True):
+        diff = [k for k, v in _shared(s, varied).items() if v != ref[k]]
         if diff:
             raise ValueError(
                 f"sweep directory holds runs of incompatible settings: {os.path.basename(d)} "
                 f"differs from {os.path.basename(run_dirs[0])} in {', '.join(diff)}; "
                 "move it out or evaluate it on its own"
             )
-    return configs
+    return specs
+
+
+def _label(group: dict) -> str:
+    axes = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float)
+            else f"{k.rsplit('.', 1)[-1]}={v}"
+            for k, v in group.items() if k not in ("variant", "seed")]
+    return " ".join([str(group["variant"]), *axes])
 
 
 def collect(run_dirs: list[str]) -> list[dict]:
-    """One record per run: identity, sizes, eval results, throughput and the val curve."""
+    """One record per run: identity (group keys), sizes, eval results, throughput, the
+    validation curve."""
+    from ffn_jax.moe.routers import ROUTERS
+
     records = []
-    for d, config in zip(run_dirs, check_compatible(run_dirs), strict=True):
+    for d, spec in zip(run_dirs, load_specs(run_dirs), strict=True):
         ev = _run_eval(d)
         rows = read_metrics(d)
-        variant = config.name.rsplit("-s", 1)[0]
+        m = spec.model
         rec = {
-            "run": config.name, "variant": variant, "seed": config.seed,
-            "causal": not (config.model.moe.num_experts > 0
-                           and config.model.moe.router == "expert_choice"),
-            "tokens": config.train.steps * config.data.batch_size * config.data.seq_len,
-            "flops_per_token": flops_per_token(config.model, config.data.seq_len)["train"],
-            **param_counts(config), **_throughput(rows),
+            "run": spec.name, "group": dict(spec.group), "label": _label(dict(spec.group)),
+            "variant": spec.group["variant"], "seed": spec.group.get("seed", spec.seed),
+            "causal": m.moe is None or ROUTERS[m.moe.router].causal,
+            "tokens": spec.train.steps * spec.tokens_per_step,
+            "flops_per_token": flops_per_token(m, spec.data.seq_len)["train"],
+            **param_counts(m), **_throughput(rows),
             "curve": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r],
         }
         for split in SPLITS:
@@ -134,6 +198,9 @@ def collect(run_dirs: list[str]) -> list[dict]:
                 rec[f"{split}_{k}"] = ev[split][k]
         records.append(rec)
     return records
+
+
+# ---- aggregation --------------------------------------------------------------------------
 
 
 def _paired_test(diffs: list[float]) -> tuple[float, float, str]:
@@ -148,59 +215,72 @@ def _paired_test(diffs: list[float]) -> tuple[float, float, str]:
     return mean, se, "yes" if abs(mean / se) > crit else "no"
 
 
+def _axes_key(group: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in group.items() if k not in ("variant", "seed")))
+
+
 def aggregate(records: list[dict]) -> list[dict]:
-    """One row per variant (in first-seen order) with mean/std over seeds and the paired
-    difference of test loss from the ReLU baseline."""
-    by_variant: dict[str, list[dict]] = defaultdict(list)
+    """One row per group (in first-seen order), derived from ``COLUMNS``: mean/std over
+    seeds, and the paired difference of test loss from the baseline variant at the same
+    axis values."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_variant[r["variant"]].append(r)
-    base = {r["seed"]: r["test_loss"] for r in by_variant.get(BASELINE, [])}
+        by_label[r["label"]].append(r)
+    base: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if r["variant"] == BASELINE:
+            base[_axes_key(r["group"])][r["seed"]] = r["test_loss"]
     rows = []
-    for variant, runs in by_variant.items():
-        row = {"variant": variant, "seeds": len(runs), "causal": runs[0]["causal"]}
-        for k in ("params_total", "params_active", "flops_per_token", "tokens"):
-            row[k] = runs[0][k]
-        for split in SPLITS:
-            for k in METRICS:
-                vals = [r[f"{split}_{k}"] for r in runs]
-                row[f"{split}_{k}_mean"] = float(np.mean(vals))
-                row[f"{split}_{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        paired = [r["test_loss"] - base[r["seed"]] for r in runs if r["seed"] in base]
-        if variant == BASELINE:
-            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = 0.0, 0.0, "baseline"
+    for label, runs in by_label.items():
+        first = runs[0]
+        ref = base.get(_axes_key(first["group"]), {})
+        paired = [r["test_loss"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
+        if first["variant"] == BASELINE:
+            test: tuple[float, float, str] = (0.0, 0.0, "baseline")
         elif paired:
-            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = _paired_test(paired)
+            test = _paired_test(paired)
         else:
-            nan = float("nan")
-            row["d_test_loss"], row["d_test_loss_se"], row["significant"] = nan, nan, "no relu"
-        for k in ("tokens_per_s", "mfu", "train_time_s"):
-            vals = [r[k] for r in runs if r[k] is not None]
-            row[k] = float(np.mean(vals)) if vals else float("nan")
+            test = (float("nan"), float("nan"), "no relu")
+        row: dict[str, Any] = {"variant": label, "seeds": len(runs)}
+        row.update({k: v for k, v in first["group"].items() if k not in ("variant", "seed")})
+        for col in COLUMNS:
+            if col.agg == "first" and col.key not in ("label", "seeds"):
+                row[col.key] = first[col.key]
+            elif col.agg == "seeds":
+                vals = [r[col.key] for r in runs]
+                row[f"{col.key}_mean"] = float(np.mean(vals))
+                row[f"{col.key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            elif col.agg == "mean":
+                vals = [r[col.key] for r in runs if r[col.key] is not None]
+                row[col.key] = float(np.mean(vals)) if vals else float("nan")
+            elif col.key == "d_test_loss":
+                row["d_test_loss"], row["d_test_loss_se"] = test[0], test[1]
+            elif col.key == "significant":
+                row["significant"] = test[2]
+        row["label"] = label
         rows.append(row)
     return rows
 
 
+def _markdown_columns() -> list[tuple[str, Callable[[dict], str]]]:
+    cols = [(c.header, c.cell) for c in COLUMNS if c.header and c.cell]
+    at = next(i for i, (h, _) in enumerate(cols) if h == "train MFLOPs/tok") + 1
+    return cols[:at] + list(METRIC_CELLS) + cols[at:]
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The results table as markdown, sorted by test bits per byte."""
-    head = ("| variant | params (total / active) | train MFLOPs/tok | val loss | test loss | "
-            "test ppl | test bits/byte | Δ test loss vs relu | sig. (95%) | tokens/s | MFU | "
-            "time (s) |")
-    lines = [head, "|" + "---|" * 12]
+    cols = _markdown_columns()
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: r["test_bits_per_byte_mean"]):
-        name = r["variant"] + ("" if r["causal"] else " (non-causal!)")
-        d = ("—" if r["significant"] in ("baseline", "no relu")
-             else f"{r['d_test_loss']:+.4f} ± {r['d_test_loss_se']:.4f}")
-        lines.append(
-            f"| {name} | {r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M | "
-            f"{r['flops_per_token'] / 1e6:.2f} | "
-            f"{r['validation_loss_mean']:.4f} ± {r['validation_loss_std']:.4f} | "
-            f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f} | "
-            f"{r['test_perplexity_mean']:.3f} ± {r['test_perplexity_std']:.3f} | "
-            f"{r['test_bits_per_byte_mean']:.4f} ± {r['test_bits_per_byte_std']:.4f} | {d} | "
-            f"{r['significant']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r['train_time_s']:.0f} |"
-        )
+        lines.append("| " + " | ".join(cell(r) for _, cell in cols) + " |")
     return "\n".join(lines)
+
+
+def csv_fields(rows: list[dict]) -> list[str]:
+    """The CSV columns: every key of the aggregated rows, in their order (``label`` is the
+    ``variant`` column already)."""
+    return [k for k in rows[0] if k not in ("curve", "label")]
 
 
 def _plots(sweep_dir: str, records: list[dict], rows: list[dict]) -> None:
@@ -210,10 +290,10 @@ def _plots(sweep_dir: str, records: list[dict], rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    by_variant: dict[str, list[dict]] = defaultdict(list)
+    by_label: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_variant[r["variant"]].append(r)
-    for variant, runs in by_variant.items():
+        by_label[r["label"]].append(r)
+    for variant, runs in by_label.items():
         n = min(len(r["curve"]) for r in runs)
         if n == 0:
             continue
@@ -247,6 +327,24 @@ def _plots(sweep_dir: str, records: list[dict], rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def provenance_line(run_dirs: list[str]) -> str:
+    """Where the runs came from (their ``run.json``): code commits, versions, devices."""
+    seen = []
+    for d in run_dirs:
+        path = os.path.join(d, PROVENANCE_FILE)
+        if os.path.exists(path):
+            p = read_json(path)
+            seen.append(f"commit {p.get('git_commit') or 'unknown'}, jax {p.get('jax')}, "
+                        f"flax {p.get('flax')}, optax {p.get('optax')}, orbax {p.get('orbax')}"
+                        f", {p.get('device_count')} x {p.get('device_kind')}")
+    if not seen:
+        return "Provenance: not recorded (runs written before run.json existed)."
+    distinct = list(dict.fromkeys(seen))
+    return "Provenance: " + "; ".join(distinct) + (
+        "" if len(seen) == len(run_dirs) else f" ({len(run_dirs) - len(seen)} runs unrecorded)"
+    ) + "."
+
+
 def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     """Evaluate the runs, write results.md / results.csv / the plots; returns the table."""
     records = collect(run_dirs)
@@ -256,12 +354,13 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     header = (f"# FFN variant comparison\n\n{len(records)} runs, {len(rows)} variants, "
               f"{tokens[0]:,} training tokens per run. Mean ± std over seeds; "
               "Δ = paired (same seed) difference of test loss from relu ± its standard "
-              "error; sig. = paired t-test at 95%.\n\n")
+              "error; sig. = paired t-test at 95%.\n\n"
+              f"{provenance_line(run_dirs)}\n\n")
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write(header + table + "\n")
-    fields = [k for k in rows[0] if k != "curve"]
+    fields = csv_fields(rows)
     with open(os.path.join(sweep_dir, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     _plots(sweep_dir, records, rows)

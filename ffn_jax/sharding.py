@@ -85,10 +85,11 @@ def check_rules(rules: Rules) -> None:
         raise ValueError(f"mesh.rules: no rule for logical axes {sorted(missing)}; add them")
 
 
-def rules_from_config(mesh_cfg) -> tuple[tuple[str, object], ...]:
-    """The rules of ``config.mesh`` as a tuple of (logical, mesh axes) pairs (lists -> tuples)."""
+def parse_rules(rules: Iterable) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """``config.mesh.rules`` (pairs, lists or tuples) as a checked tuple of (logical, mesh
+    axes) pairs; ValueError naming ``mesh.rules`` otherwise."""
     rules = tuple(
-        (str(name), tuple(t) if isinstance(t, list | tuple) else t) for name, t in mesh_cfg.rules
+        (str(name), tuple(t) if isinstance(t, list | tuple) else t) for name, t in rules
     )
     check_rules(rules)
     return rules
@@ -119,10 +120,12 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes from ``config.mesh``."""
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+    """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes of ``shape`` (axis -> size,
+    one may be -1; ``MeshSpec.shape`` is already resolved) over ``devices`` (default all)."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = resolve_mesh_shape(dict(mesh_cfg.shape), len(devices))
+    sizes = resolve_mesh_shape(dict(shape), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)

@@ -1,4 +1,4 @@
-"""Sweeps: train every variant x seed of a comparison config into ``DIR/<variant>-s<seed>/``.
+"""Sweeps: a list of runs ``(name, group, overrides)`` trained into ``DIR/<name>/``.
 
 A sweep config is a base config plus a ``sweep`` block:
 
@@ -7,26 +7,46 @@ A sweep config is a base config plus a ``sweep`` block:
                      ``config.model.moe`` fields, e.g. an MoE or the 2017 post-norm block)
     sweep.seeds      number of seeds (0 .. n-1); seed s fixes init *and* data order, so every
                      variant sees the same batches for the same seed
+    sweep.axes       optional grid over *any* config fields: ``"train.lr=1e-3,3e-3"``;
+                     several axes are separated by ``;`` (every combination is trained)
 
-The sweep directory holds ``sweep.json`` (the sweep config) and one run directory per
-variant x seed. A finished run is skipped and a partial one resumed, so re-running an
-interrupted sweep continues where it stopped.
+Every run is ``(name, group, overrides)``: ``group`` holds its keys (``variant``, one per
+axis, e.g. ``train.lr``, and ``seed``), stored in the run's ``config.json`` so the report
+reads them back instead of parsing names; ``overrides`` are the dotted config fields the
+run sets on the base config. The sweep directory holds ``sweep.json`` (the sweep config)
+and one run directory per run. A finished run is skipped and a partial one resumed, so
+re-running an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import itertools
 import json
 import logging
 import os
+from typing import Any
 
 from ml_collections import ConfigDict
 
-from ffn_jax.configuration import ConfigError, config_diff
+from ffn_jax.configuration import ConfigError, resolve, validate_config
 from ffn_jax.ffn import VARIANTS
+from ffn_jax.run import CONFIG_FILE, read_json, run_is_finished, write_json_atomic
+from ffn_jax.spec import config_diff
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of a sweep: its directory name, its group keys and its config overrides."""
+
+    name: str
+    group: dict[str, Any]
+    overrides: dict[str, Any]
 
 
 def is_sweep(config: ConfigDict) -> bool:
@@ -39,11 +59,11 @@ def is_sweep_dir(workdir: str) -> bool:
     its own)."""
     if os.path.exists(os.path.join(workdir, SWEEP_FILE)):
         return True
-    return not os.path.exists(os.path.join(workdir, "config.json")) and bool(run_dirs(workdir))
+    return not os.path.exists(os.path.join(workdir, CONFIG_FILE)) and bool(run_dirs(workdir))
 
 
 def variant_names(config: ConfigDict) -> list[str]:
-    """The sweep's variant names, checked against the registry and the MoE presets."""
+    """The sweep's variant names, checked against the registry and the presets."""
     names = [v.strip() for v in config.sweep.variants.split(",") if v.strip()]
     valid = list(VARIANTS) + list(config.sweep.presets.keys())
     bad = [n for n in names if n not in valid]
@@ -58,49 +78,106 @@ def variant_names(config: ConfigDict) -> list[str]:
     return names
 
 
-def run_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
-    """``(run name, run config)`` for every variant x seed, in training order (seed-major,
-    so an interrupted sweep has complete seeds of every variant first)."""
-    if config.sweep.seeds < 1:
-        raise ConfigError(f"sweep.seeds={config.sweep.seeds} must be >= 1")
-    names = variant_names(config)
-    base = config.to_dict()
-    base.pop("sweep")
-    out = []
-    for seed in range(config.sweep.seeds):
-        for name in names:
-            c = ConfigDict(json.loads(json.dumps(base)))
-            c.model.moe.num_experts = 0
-            if name in config.sweep.presets:
-                _apply_preset(c, name, dict(config.sweep.presets[name]))
-            else:
-                c.model.ffn = name
-            c.seed = seed
-            c.name = f"{name}-s{seed}"
-            out.append((c.name, c))
-    return out
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
-def _apply_preset(c: ConfigDict, name: str, preset: dict) -> None:
-    """Set each preset field on ``c.model.moe`` if it is an MoE field, else on ``c.model``."""
-    for k, v in preset.items():
-        if k in c.model.moe:
-            c.model.moe[k] = v
-        elif k in c.model:
-            c.model[k] = v
+def parse_axes(text: str) -> list[tuple[str, list[Any]]]:
+    """``"train.lr=1e-3,3e-3;model.d_model=64,128"`` -> ``[("train.lr", [0.001, 0.003]),
+    ("model.d_model", [64, 128])]``; ConfigError naming ``sweep.axes`` if malformed."""
+    axes = []
+    for entry in filter(None, (e.strip() for e in (text or "").split(";"))):
+        field, sep, values = entry.partition("=")
+        vals = [_literal(v.strip()) for v in values.split(",") if v.strip()]
+        if not sep or not field.strip() or not vals:
+            raise ConfigError(f"sweep.axes: {entry!r} is not 'field=v1,v2'; e.g. "
+                              "sweep.axes='train.lr=1e-3,3e-3'")
+        axes.append((field.strip(), vals))
+    return axes
+
+
+def _preset_overrides(config: ConfigDict, name: str) -> dict[str, Any]:
+    """A ``sweep.presets`` entry as dotted overrides (``model.moe.*`` for MoE fields, else
+    ``model.*``)."""
+    out = {}
+    for k, v in dict(config.sweep.presets[name]).items():
+        if k in config.model.moe:
+            out[f"model.moe.{k}"] = v
+        elif k in config.model:
+            out[f"model.{k}"] = v
         else:
             raise ConfigError(f"sweep.presets.{name}.{k}: not a model or model.moe field; "
                               "fix the preset in the sweep config")
+    return out
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def runs(config: ConfigDict) -> list[Run]:
+    """Every run of the sweep, in training order (seed-major, so an interrupted sweep has
+    complete seeds of every variant first)."""
+    if config.sweep.seeds < 1:
+        raise ConfigError(f"sweep.seeds={config.sweep.seeds} must be >= 1")
+    names = variant_names(config)
+    axes = parse_axes(config.sweep.get("axes", ""))
+    out = []
+    for seed in range(config.sweep.seeds):
+        for name in names:
+            base: dict[str, Any] = {"model.moe.num_experts": 0}
+            if name in config.sweep.presets:
+                base.update(_preset_overrides(config, name))
+            else:
+                base["model.ffn"] = name
+            for combo in itertools.product(*(values for _, values in axes)):
+                picked = dict(zip((field for field, _ in axes), combo, strict=True))
+                label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
+                run_name = f"{name}{label}-s{seed}"
+                group = {"variant": name, **picked, "seed": seed}
+                out.append(Run(run_name, group, {**base, **picked, "seed": seed,
+                                                 "name": run_name}))
+    return out
+
+
+def _set(c: ConfigDict, field: str, value: Any) -> None:
+    *parents, leaf = field.split(".")
+    node = c
+    for part in parents:
+        if part not in node or not isinstance(node[part], ConfigDict):
+            raise ConfigError(f"sweep: {field!r} is not a config field; fix sweep.axes")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"sweep: {field!r} is not a config field; fix sweep.axes")
+    node[leaf] = value
+
+
+def run_config(config: ConfigDict, run: Run) -> ConfigDict:
+    """The full config of ``run``: the sweep's base config (no ``sweep`` block) with the
+    run's overrides and its ``group``."""
+    base = config.to_dict()
+    base.pop("sweep")
+    c = ConfigDict(json.loads(json.dumps(base)))
+    for field, value in run.overrides.items():
+        _set(c, field, value)
+    c.group = dict(run.group)
+    return c
+
+
+def run_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
+    """``(run name, run config)`` for every run of the sweep, in training order."""
+    return [(r.name, run_config(config, r)) for r in runs(config)]
 
 
 def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, SWEEP_FILE)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
-    new = config.to_dict()
-    diff = [d for d in config_diff(old, new) if not d.startswith("sweep.")]
+    diff = [d for d in config_diff(read_json(path), config.to_dict())
+            if not d.startswith("sweep.")]
     if diff:
         raise ConfigError(
             f"--workdir={workdir} holds a sweep with incompatible settings ({'; '.join(diff[:3])}"
@@ -110,29 +187,26 @@ def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
 
 def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     """Train every run of the sweep (skipping finished ones); returns each run's result."""
-    from ffn_jax.configuration import validate_config
-    from ffn_jax.trainer import run_is_finished, train_and_evaluate
+    from ffn_jax.trainer import train_and_evaluate
 
-    runs = run_configs(config)
-    problems = []
-    for _, c in runs[: len(variant_names(config))]:
+    all_runs = run_configs(config)
+    problems: list[str] = []
+    for _, c in all_runs[: len(all_runs) // config.sweep.seeds]:  # every run of seed 0
         problems += [p for p in validate_config(c) if p not in problems]
     if problems:
         raise ConfigError(problems)
     _check_sweep_dir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, SWEEP_FILE + ".tmp"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(os.path.join(workdir, SWEEP_FILE + ".tmp"), os.path.join(workdir, SWEEP_FILE))
+    write_json_atomic(os.path.join(workdir, SWEEP_FILE), config.to_dict())
 
     results = []
-    for i, (name, c) in enumerate(runs):
+    for i, (name, c) in enumerate(all_runs):
         run_dir = os.path.join(workdir, name)
         if run_is_finished(run_dir, c.train.steps):
-            log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), name)
+            log.info("[%d/%d] %s: finished, skipped", i + 1, len(all_runs), name)
             continue
-        log.info("[%d/%d] %s: training", i + 1, len(runs), name)
-        results.append({"name": name, **train_and_evaluate(c, run_dir)})
+        log.info("[%d/%d] %s: training", i + 1, len(all_runs), name)
+        results.append({"name": name, **train_and_evaluate(resolve(c), run_dir)})
     return results
 
 
@@ -142,7 +216,7 @@ def run_dirs(workdir: str) -> list[str]:
         return []
     return sorted(
         os.path.join(workdir, d) for d in os.listdir(workdir)
-        if os.path.exists(os.path.join(workdir, d, "config.json"))
+        if os.path.exists(os.path.join(workdir, d, CONFIG_FILE))
     )
 
 

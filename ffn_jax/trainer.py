@@ -1,4 +1,4 @@
-"""The training loop: ``train_and_evaluate(config, workdir)``.
+"""The training loop: ``train_and_evaluate(spec, workdir)``.
 
 One jitted functional train step (``nnx.split``/``merge``, donated state, explicit in/out
 shardings on the config's mesh); the host syncs only when metrics are logged or a
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -22,24 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from ml_collections import ConfigDict
 
 from ffn_jax import data as data_lib
 from ffn_jax import memory, sharding
 from ffn_jax.checkpoint import Checkpointer
-from ffn_jax.configuration import (
-    ConfigError,
-    check_sharded_dims,
-    check_workdir,
-    validate_config,
-    write_config,
-)
 from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
 from ffn_jax.flops import flops_per_token, peak_flops
 from ffn_jax.metrics import MetricWriter, progress_bar
-from ffn_jax.model import LM, count_params
-from ffn_jax.optim import make_optimizer, make_schedule
+from ffn_jax.model import lm_loss
+from ffn_jax.optim import make_schedule
+from ffn_jax.run import build_run_state, check_workdir, provenance, write_config
+from ffn_jax.spec import RunSpec, TrainSpec, padded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -51,61 +43,9 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-@dataclasses.dataclass
-class RunState:
-    """Everything a run needs on device: the mesh, the split model+optimiser, shardings."""
-
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    graphdef: nnx.GraphDef
-    state: nnx.State
-    state_shardings: nnx.State
-    batch_sharding: NamedSharding
-    n_params: int
-
-
-def build_run_state(config: ConfigDict, mesh: jax.sharding.Mesh | None = None) -> RunState:
-    """Create the sharded model and optimiser for ``config`` (vocab_size must be set)."""
-    mesh = mesh or sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config.mesh)
-    tx = make_optimizer(config.train)
-
-    def build():
-        model = LM(config.model, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    with jax.set_mesh(mesh), sharding.axis_rules(rules):
-        model, opt = sharding.create_sharded(build, mesh, rules)
-    graphdef, state = nnx.split((model, opt))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules))
-    return RunState(mesh, rules, graphdef, state, shardings, batch_sharding, count_params(model))
-
-
-def _loss(model: LM, tokens_bt: jax.Array, t: ConfigDict, moe_cfg) -> tuple[jax.Array, dict]:
-    """Mean next-token NLL + optional logits z-loss + MoE auxiliary losses."""
-    logits, aux = model(tokens_bt[:, :-1])
-    targets = tokens_bt[:, 1:]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    nll = jnp.mean(logz - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
-    loss, metrics = nll, {"nll": nll}
-    if t.logits_z_loss > 0:
-        z = jnp.mean(jnp.square(logz))
-        loss = loss + t.logits_z_loss * z
-        metrics["logits_z_loss"] = z
-    if aux:
-        from ffn_jax.moe import moe_aux_loss
-
-        moe_loss = moe_aux_loss(aux, moe_cfg)
-        loss = loss + moe_loss
-        metrics["moe_aux_loss"] = moe_loss
-        metrics.update({f"moe/{k}": v for k, v in aux.items()})  # per layer (stacked)
-    return loss, metrics
-
-
-def make_train_step(graphdef: nnx.GraphDef, config: ConfigDict):
+def make_train_step(graphdef: nnx.GraphDef, t: TrainSpec):
     """``step(state, tokens (B, T+1)) -> (state, metrics)``, pure; jit it with shardings."""
-    t, moe_cfg, accum = config.train, config.model.moe, config.train.grad_accum
+    accum, z_coef = t.grad_accum, t.logits_z_loss
 
     def step(state: nnx.State, tokens: jax.Array):
         model, opt = nnx.merge(graphdef, state)
@@ -116,7 +56,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: ConfigDict):
             # Fresh Variable objects for this trace: RNG counts (dropout, jitter) are updated
             # inside nnx.scan, which rejects Variables created at the outer trace level.
             m = nnx.merge(gdef, params, jax.tree.map(lambda x: x, rest))
-            loss, metrics = _loss(m, tok, t, moe_cfg)
+            loss, metrics = lm_loss(m, tok, z_coef)
             return loss, (metrics, nnx.state(m, nnx.Not(nnx.Param)))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -195,31 +135,29 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
-    """Train ``config`` into ``workdir`` (resuming if it holds a compatible run).
+def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
+    """Train the run ``spec`` into ``workdir`` (resuming if it holds a compatible run).
 
     Returns the final metrics (last training window and validation results).
     """
-    problems = validate_config(config)
-    if problems:
-        raise ConfigError(problems)
-    config = check_workdir(config, workdir)
-    prep = data_lib.prepare(config.data, workdir)
-    config = ConfigDict(config.to_dict())  # unlocked copy with the derived fields filled
-    mult = config.model.vocab_multiple_of
-    config.model.vocab_size = -(-prep.tokenizer.vocab_size // mult) * mult
-    check_sharded_dims(config, sharding.make_mesh(config.mesh))
-    write_config(config, workdir)
+    t = spec.train
+    check_workdir(spec, workdir, t.resume)
+    prep = data_lib.prepare(spec.data, workdir)
+    padded = padded_vocab(prep.tokenizer.vocab_size, spec.source["model"]["vocab_multiple_of"])
+    if padded != spec.model.vocab_size:
+        raise ValueError(f"the tokenizer of data.tokenizer={spec.data.tokenizer!r} has "
+                         f"{prep.tokenizer.vocab_size} ids, not the expected vocabulary "
+                         f"({spec.model.vocab_size} padded); set data.vocab_size to match")
+    write_config(spec, workdir)
 
-    rs = build_run_state(config)
-    t = config.train
+    rs = build_run_state(spec)
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
     pcount, pindex = jax.process_count(), jax.process_index()
     train_iter = data_lib.train_iterator(
-        prep.splits["train"], seq_len=config.data.seq_len, global_batch=config.data.batch_size,
-        seed=config.seed, process_index=pindex, process_count=pcount,
-        num_workers=config.data.num_workers,
+        prep.splits["train"], seq_len=spec.data.seq_len, global_batch=spec.data.batch_size,
+        seed=spec.seed, process_index=pindex, process_count=pcount,
+        num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
     restored = ckpt.restore(state, train_iter) if t.resume else None
@@ -230,21 +168,21 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
         jitted = jax.jit(
-            make_train_step(rs.graphdef, config),
+            make_train_step(rs.graphdef, t),
             in_shardings=(rs.state_shardings, rs.batch_sharding),
             out_shardings=(rs.state_shardings, None), donate_argnums=0,
         )
-        batch_shape = (config.data.batch_size, config.data.seq_len + 1)
+        batch_shape = (spec.data.batch_size, spec.data.seq_len + 1)
         abstract_batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rs.batch_sharding)
         t0 = time.perf_counter()
         train_step = jitted.lower(state, abstract_batch).compile()
         compile_s = time.perf_counter() - t0
-        mem_estimate, mem_compiled = memory.log_memory(config, state, rs.mesh, rs.rules, train_step)
+        mem_estimate, mem_compiled = memory.log_memory(spec, state, rs.mesh, rs.rules, train_step)
         eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
 
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    fpt = flops_per_token(config.model, config.data.seq_len)["train"]
-    peak, peak_source = peak_flops(config.model.dtype)
+    tokens_per_step = spec.tokens_per_step
+    fpt = flops_per_token(spec.model, spec.data.seq_len)["train"]
+    peak, peak_source = peak_flops(spec.model.dtype)
     peak_total = peak * jax.device_count()
     summary = {
         "n_params": rs.n_params, "flops_per_token": fpt, "compile_s": compile_s,
@@ -252,12 +190,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         "devices": jax.device_count(), "mesh": dict(rs.mesh.shape),
         "memory_estimate": mem_estimate, "memory_compiled": mem_compiled,
     }
-    log.info("run %s: %s", config.name, json.dumps(summary))
+    log.info("run %s: %s", spec.name, json.dumps(summary))
     if step == 0:
-        writer.write(0, {"event": "start", **summary})
+        writer.write(0, {"event": "start", **summary, "provenance": provenance()})
 
     schedule = make_schedule(t)
-    bar = progress_bar(t.steps, step, config.name)
+    bar = progress_bar(t.steps, step, spec.name)
     window: list = []
     inflight: collections.deque = collections.deque()
     profiler = _Profiler(t.profile_steps, os.path.join(workdir, "profile"))
@@ -305,18 +243,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                     window, t_window, data_s = [], time.perf_counter(), 0.0
                 if last or (t.eval_every and step % t.eval_every == 0):
                     if last and t.final_eval:  # every token of validation and test
-                        scores = score_splits(workdir, eval_step, state, step, config, prep, rs)
+                        scores = score_splits(workdir, eval_step, state, step, spec, prep, rs)
                         last_eval = scores["validation"]
                     else:
                         last_eval = evaluate_split(
-                            eval_step, state, prep.splits["validation"], config, rs,
+                            eval_step, state, prep.splits["validation"], spec.data, rs,
                             prep.tokenizer.token_bytes, max_batches=t.eval_batches,
                         )
                     writer.write(step, {"tokens": tokens_seen,
                                         **{f"val_{k}": v for k, v in last_eval.items()}})
                     t_window = time.perf_counter()
                 if due_ckpt:
-                    meta = {"step": step, "tokens_seen": tokens_seen, "name": config.name,
+                    meta = {"step": step, "tokens_seen": tokens_seen, "name": spec.name,
                             "train_time_s": time_before + time.perf_counter() - t_start}
                     ckpt.save(step, state, meta, train_iter, force=last or preempted)
                 if preempted:
@@ -345,16 +283,3 @@ def _check_finite(host_window: list[dict], step: int, ckpt: Checkpointer) -> Non
             f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower train.lr or set "
             "train.grad_clip, then rerun to resume from it"
         )
-
-
-def latest_step(workdir: str) -> int | None:
-    """The newest committed checkpoint step in ``workdir`` (None if there is none)."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-    return max(done) if done else None
-
-
-def run_is_finished(workdir: str, steps: int) -> bool:
-    """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps``."""
-    latest = latest_step(workdir)
-    return latest is not None and latest >= steps

@@ -6,15 +6,19 @@ from flax import nnx
 from configs import base, compare
 from ffn_jax.configuration import validate_config
 from ffn_jax.model import LM
+from ffn_jax.spec import padded_vocab
 from ffn_jax.sweep import run_configs
+from tests.helpers import run_spec
 
 
 def _builds(config):
-    config.model.vocab_size = 384
     problems = validate_config(config, num_devices=8)
     assert problems == [], problems
-    model = nnx.eval_shape(lambda: LM(config.model, rngs=nnx.Rngs(0)))
-    assert model.embed.shape == (384, config.model.d_model)
+    spec = run_spec(config, num_devices=8)
+    model = nnx.eval_shape(lambda: LM(spec.model, rngs=nnx.Rngs(0)))
+    vocab = 257 if config.data.tokenizer == "byte" else config.data.vocab_size
+    assert spec.model.vocab_size == padded_vocab(vocab, config.model.vocab_multiple_of)
+    assert model.embed.shape == (spec.model.vocab_size, config.model.d_model)
 
 
 @pytest.mark.parametrize("size", list(base.SIZES))
@@ -38,8 +42,7 @@ def test_cpu_preset_is_parameter_matched():
 
     counts = {}
     for name, run in run_configs(compare.get_config("cpu"))[:11]:
-        run.model.vocab_size = 384
-        counts[name] = param_counts(run)["params_active"]
+        counts[name] = param_counts(run_spec(run).model)["params_active"]
     base_count = counts["relu-s0"]
     assert all(abs(n / base_count - 1) < 0.02 for n in counts.values()), counts
 

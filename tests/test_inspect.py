@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 from configs.base import get_config
-from ffn_jax.evaluate import restore_run
 from ffn_jax.inspect import HEATMAP, REPORT, first_windows, inspect_run, trace
 from ffn_jax.inspect.report import escape
+from ffn_jax.run import restore
 from ffn_jax.sharding import single_device_mesh
-from ffn_jax.trainer import train_and_evaluate
+from tests.helpers import moe_settings, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WINDOWS = 6  # validation windows inspected: 6 x 64 = 384 tokens
@@ -33,7 +33,7 @@ def _train(workdir, arg, **overrides):
         for part in path[:-1]:
             target = target[part]
         target[path[-1]] = value
-    train_and_evaluate(c, workdir)
+    train(c, workdir)
     return workdir
 
 
@@ -59,12 +59,12 @@ def dense_found(dense_run):
 
 
 def _restored(workdir):
-    """(config, tokenizer, model in eval mode, the inspected windows)."""
-    config, prep, rs, state, _ = restore_run(workdir, None, single_device_mesh())
-    model, _ = nnx.merge(rs.graphdef, state)
+    """(spec, tokenizer, model in eval mode, the inspected windows)."""
+    r = restore(workdir, None, single_device_mesh())
+    model, _ = nnx.merge(r.rs.graphdef, r.state)
     model.eval()
-    windows = first_windows(prep.splits["validation"].tokens, config.data.seq_len, WINDOWS)
-    return config, prep.tokenizer, model, windows
+    windows = first_windows(r.prep.splits["validation"].tokens, r.spec.data.seq_len, WINDOWS)
+    return r.spec, r.prep.tokenizer, model, windows
 
 
 def _full_trace(model, windows, hidden=(), routed=()):
@@ -203,7 +203,7 @@ def test_route_assignments(router):
 
     moe_cfg = get_config("swiglu,size=tiny").model.moe
     moe_cfg.num_experts, moe_cfg.router, moe_cfg.eval_capacity_factor = 4, router, 0.5
-    ffn = MoEFFN(16, moe_cfg, variant="swiglu", d_ff=32, rngs=nnx.Rngs(0))
+    ffn = MoEFFN(16, moe_settings(moe_cfg, 32), variant="swiglu", rngs=nnx.Rngs(0))
     ffn.eval()
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
     expert_a, token_a = map(np.asarray, route(ffn, x))

@@ -12,16 +12,10 @@ from ml_collections import ConfigDict
 
 from configs.base import get_config
 from ffn_jax import data, sharding
-from ffn_jax.model import LM, Block, attention_impl, count_params, model_problems
+from ffn_jax.model import LM, Block, attention_impl, count_params
 from ffn_jax.optim import decay_mask, make_optimizer
-
-
-def tiny_model_cfg(**overrides) -> ConfigDict:
-    cfg = get_config("swiglu,size=tiny").model
-    cfg.vocab_size = 97
-    for k, v in overrides.items():
-        cfg[k] = v
-    return cfg
+from ffn_jax.spec import ConfigError, model_spec
+from tests.helpers import run_spec, tiny_model, tiny_model_cfg
 
 
 def tokens(b=2, t=16, vocab=97, seed=0):
@@ -37,7 +31,7 @@ def loss_and_grads(model, toks):
 
 
 def test_output_shape_dtype_and_param_count():
-    cfg = tiny_model_cfg()
+    cfg = tiny_model()
     m = LM(cfg, rngs=nnx.Rngs(0))
     logits, aux = m(tokens())
     assert logits.shape == (2, 16, 97) and logits.dtype == jnp.float32 and aux == {}
@@ -49,7 +43,7 @@ def test_output_shape_dtype_and_param_count():
 
 @pytest.mark.parametrize("variant", ["relu", "swiglu"])
 def test_causal(variant):
-    m = LM(tiny_model_cfg(ffn=variant, n_kv_heads=1), rngs=nnx.Rngs(0))
+    m = LM(tiny_model(ffn=variant, n_kv_heads=1), rngs=nnx.Rngs(0))
     a = tokens(1, 16)
     b = a.at[0, 9:].set((a[0, 9:] + 5) % 97)
     la, _ = m(a)
@@ -59,8 +53,8 @@ def test_causal(variant):
 
 
 def test_scan_equals_loop():
-    scanned = LM(tiny_model_cfg(n_layers=3), rngs=nnx.Rngs(0))
-    looped = LM(tiny_model_cfg(n_layers=3, scan_layers=False), rngs=nnx.Rngs(0))
+    scanned = LM(tiny_model(n_layers=3), rngs=nnx.Rngs(0))
+    looped = LM(tiny_model(n_layers=3, scan_layers=False), rngs=nnx.Rngs(0))
     toks = tokens()
     (l1, g1), (l2, g2) = loss_and_grads(scanned, toks), loss_and_grads(looped, toks)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
@@ -70,8 +64,8 @@ def test_scan_equals_loop():
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_equals_no_remat(policy):
-    base = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
-    remat = LM(tiny_model_cfg(remat=policy), rngs=nnx.Rngs(0))
+    base = LM(tiny_model(), rngs=nnx.Rngs(0))
+    remat = LM(tiny_model(remat=policy), rngs=nnx.Rngs(0))
     toks = tokens()
     (l1, g1), (l2, g2) = loss_and_grads(base, toks), loss_and_grads(remat, toks)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
@@ -80,8 +74,8 @@ def test_remat_equals_no_remat(policy):
 
 
 def test_bfloat16_close_to_float32():
-    f32 = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
-    bf16 = LM(tiny_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    f32 = LM(tiny_model(), rngs=nnx.Rngs(0))
+    bf16 = LM(tiny_model(dtype="bfloat16"), rngs=nnx.Rngs(0))
     toks = tokens()
     l32, _ = f32(toks)
     l16, _ = bf16(toks)
@@ -93,7 +87,7 @@ def test_bfloat16_close_to_float32():
 
 
 def test_layernorm_and_untied_options():
-    m = LM(tiny_model_cfg(norm="layer", tie_embeddings=False), rngs=nnx.Rngs(0))
+    m = LM(tiny_model(norm="layer", tie_embeddings=False), rngs=nnx.Rngs(0))
     params = nnx.state(m, nnx.Param).to_pure_dict()
     assert params["unembed"].shape == (64, 97)
     assert "bias" in params["final_norm"]
@@ -102,11 +96,9 @@ def test_layernorm_and_untied_options():
 
 @pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
 def test_sharded_equals_single_device(shape):
-    cfg = tiny_model_cfg(n_heads=4, n_kv_heads=2, vocab_size=96)
-    mesh_cfg = get_config("swiglu,size=tiny").mesh
-    mesh_cfg.shape = ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
-    rules = sharding.rules_from_config(mesh_cfg)
-    mesh = sharding.make_mesh(mesh_cfg)
+    cfg = tiny_model(n_heads=4, n_kv_heads=2, vocab_size=96)
+    rules = sharding.DEFAULT_RULES
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
     toks = tokens(8, 16, vocab=96)
 
     ref = LM(cfg, rngs=nnx.Rngs(0))
@@ -147,11 +139,10 @@ def test_sharded_equals_single_device(shape):
     ],
 )
 def test_bad_model_config(overrides, message):
-    cfg = tiny_model_cfg(**overrides)
-    problems = model_problems(cfg)
+    with pytest.raises(ConfigError) as e:
+        model_spec(tiny_model_cfg(**overrides))
+    problems = e.value.problems
     assert len(problems) == 1 and re.search(message, problems[0]), problems
-    with pytest.raises(ValueError, match=message):
-        LM(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
@@ -160,8 +151,8 @@ def test_post_norm_block_ends_in_its_norm(norm):
     variance 1; RMSNorm: mean square 1). Pre-norm passes the residual stream through."""
     x = 3.0 * jax.random.normal(jax.random.key(1), (2, 16, 64)) + 1.0
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    post = Block(tiny_model_cfg(norm=norm, norm_position="post"), moe=False, rngs=nnx.Rngs(0))
-    pre = Block(tiny_model_cfg(norm=norm), moe=False, rngs=nnx.Rngs(0))
+    post = Block(tiny_model(norm=norm, norm_position="post"), moe=False, rngs=nnx.Rngs(0))
+    pre = Block(tiny_model(norm=norm), moe=False, rngs=nnx.Rngs(0))
     y_post, _ = post(x, positions)
     y_pre, _ = pre(x, positions)
     ms_post = jnp.mean(jnp.square(y_post - (y_post.mean(-1, keepdims=True) if norm == "layer"
@@ -174,8 +165,8 @@ def test_post_norm_block_ends_in_its_norm(norm):
 
 def test_original_preset_model():
     cfg = get_config("original,size=tiny").model
-    cfg.vocab_size = 97
-    m = LM(cfg, rngs=nnx.Rngs(0))
+    cfg.vocab_size, cfg.vocab_multiple_of = 97, 1
+    m = LM(model_spec(cfg), rngs=nnx.Rngs(0))
     params = nnx.state(m, nnx.Param).to_pure_dict()
     assert "final_norm" not in params and params["pos_embed"].shape == (64, 64)
     assert m.pos_embed.get_metadata()["out_sharding"] == (None, "embed")
@@ -189,7 +180,7 @@ def test_original_preset_model():
 def test_init_std_is_one_over_sqrt_fan_in():
     """Every projection's std is 1/sqrt(fan_in), whatever the kernel's rank (wq is
     (d, n, h): its fan-in is d, not n * d); output projections are scaled for depth."""
-    cfg = tiny_model_cfg(d_model=256, n_heads=4, n_kv_heads=4, n_layers=2)
+    cfg = tiny_model(d_model=256, n_heads=4, n_kv_heads=4, n_layers=2)
     attn = LM(cfg, rngs=nnx.Rngs(0)).layers.blocks[0].attn
     for name in ("wq", "wk", "wv"):
         assert float(jnp.std(getattr(attn, name)[...])) == pytest.approx(256**-0.5, rel=0.05)
@@ -201,10 +192,10 @@ def test_decay_mask_follows_the_config(decay_embeddings):
     """Matrices decay; norms and biases do not (by default); every embedding table, the
     learned positions included, follows ``train.decay_embeddings``."""
     c = get_config("original,size=tiny")
-    c.model.vocab_size = 97
     c.train.decay_embeddings = decay_embeddings
-    params = nnx.state(LM(c.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
-    mask = decay_mask(c.train, params)
+    spec = run_spec(c)
+    params = nnx.state(LM(spec.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    mask = decay_mask(spec.train, params)
     block = mask["layers"]["blocks"][0]
     assert mask["embed"] is mask["pos_embed"] is decay_embeddings
     assert block["attn"]["wq"] and block["ffn"]["w1"] and block["ffn"]["w2"]
@@ -216,8 +207,8 @@ def test_legacy_config_without_new_fields_is_pre_norm_rope():
     old = tiny_model_cfg().to_dict()
     for field in ("norm_position", "positions", "max_seq_len"):
         del old[field]
-    legacy = LM(ConfigDict(old), rngs=nnx.Rngs(0))
-    current = LM(tiny_model_cfg(), rngs=nnx.Rngs(0))
+    legacy = LM(model_spec(ConfigDict(old)), rngs=nnx.Rngs(0))
+    current = LM(tiny_model(), rngs=nnx.Rngs(0))
     toks = tokens()
     np.testing.assert_array_equal(legacy(toks)[0], current(toks)[0])
 
@@ -242,12 +233,12 @@ def test_original_preset_config(arg, expected):
 def test_original_preset_trains_with_dropout():
     """The 2017 block, dropout 0.1 on, learns Shakespeare bytes: the loss falls."""
     c = get_config("original,size=tiny")
-    c.model.vocab_size = 384
     c.train.warmup_steps = 5
-    train = np.asarray(data.prepare(c.data).splits["train"].tokens[: 64 * 65 * 8], np.int32)
+    spec = run_spec(c)
+    train = np.asarray(data.prepare(spec.data).splits["train"].tokens[: 64 * 65 * 8], np.int32)
     batches = train.reshape(8, 64, 65)
-    model = LM(c.model, rngs=nnx.Rngs(params=0, dropout=1))
-    opt = nnx.Optimizer(model, make_optimizer(c.train), wrt=nnx.Param)
+    model = LM(spec.model, rngs=nnx.Rngs(params=0, dropout=1))
+    opt = nnx.Optimizer(model, make_optimizer(spec.train), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, toks):

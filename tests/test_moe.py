@@ -17,8 +17,10 @@ from ml_collections import ConfigDict
 from configs.base import get_config
 from ffn_jax import sharding
 from ffn_jax.ffn import VARIANTS, get_variant
-from ffn_jax.moe import MoEFFN, capacity, moe_aux_loss, moe_cost, validate
+from ffn_jax.moe import MoEFFN, MoESettings, capacity, moe_aux_loss, moe_cost
 from ffn_jax.moe.routing import expert_choice_route
+from ffn_jax.spec import problems
+from tests.helpers import moe_settings
 
 D, D_FF = 16, 32
 
@@ -31,8 +33,12 @@ def moe_cfg(**overrides) -> ConfigDict:
     return cfg
 
 
+def settings(cfg: ConfigDict, d_ff: int = D_FF) -> MoESettings:
+    return moe_settings(cfg, d_ff)
+
+
 def make_layer(cfg, variant="swiglu", use_bias=False, seed=0) -> MoEFFN:
-    layer = MoEFFN(D, cfg, variant=variant, d_ff=D_FF, use_bias=use_bias, rngs=nnx.Rngs(seed))
+    layer = MoEFFN(D, settings(cfg), variant=variant, use_bias=use_bias, rngs=nnx.Rngs(seed))
     if use_bias:  # non-zero biases so that they are really tested
         for name in ("b1", "b3", "b2"):
             b = getattr(layer, name)
@@ -193,7 +199,8 @@ def test_init_scales():
     out_scale/sqrt(width), as the dense FFN's (a router at std 1 starts collapsed)."""
     d, out_scale = 256, 0.25
     cfg = moe_cfg(num_shared=1)
-    layer = MoEFFN(d, cfg, variant="swiglu", d_ff=512, out_scale=out_scale, rngs=nnx.Rngs(0))
+    layer = MoEFFN(d, settings(cfg, 512), variant="swiglu", out_scale=out_scale,
+                   rngs=nnx.Rngs(0))
     f = layer.settings.expert_width
     std = {name: float(jnp.std(getattr(layer, name)[...])) for name in ("router", "w1", "w2")}
     assert std["router"] == pytest.approx(d**-0.5, rel=0.05)
@@ -209,8 +216,8 @@ def test_init_scales():
 
 def test_aux_losses_by_hand():
     # 4 tokens, 4 experts, top-1; x_t = one-hot so the logits are the router's rows.
-    layer = MoEFFN(4, moe_cfg(num_experts=4, top_k=1, capacity_factor=0.5), variant="relu",
-                   d_ff=8, rngs=nnx.Rngs(0))
+    layer = MoEFFN(4, settings(moe_cfg(num_experts=4, top_k=1, capacity_factor=0.5), 8),
+                   variant="relu", rngs=nnx.Rngs(0))
     logits = np.array([[2.0, 0, 0, 0], [0, 1.0, 0, 0], [3.0, 0, 0, 1], [0, 0, 0.5, 0]])
     layer.router[...] = jnp.asarray(logits)
     _, aux = apply(layer, jnp.eye(4)[None])
@@ -226,7 +233,7 @@ def test_aux_losses_by_hand():
     stacked = {k: jnp.stack([v, 3 * v]) for k, v in aux.items()}
     cfg = moe_cfg()
     want = cfg.lb_loss_coef * 2 * aux["lb_loss"] + cfg.z_loss_coef * 2 * aux["z_loss"]
-    np.testing.assert_allclose(moe_aux_loss(stacked, cfg), want, rtol=1e-6)
+    np.testing.assert_allclose(moe_aux_loss(stacked, settings(cfg)), want, rtol=1e-6)
 
 
 def test_balanced_lb_loss_is_one():
@@ -272,7 +279,7 @@ def test_scanned_layers_stack_aux():
     @nnx.split_rngs(splits=3)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
     def create(rngs):
-        return MoEFFN(D, cfg, variant="swiglu", d_ff=D_FF, rngs=rngs)
+        return MoEFFN(D, settings(cfg), variant="swiglu", rngs=rngs)
 
     layers = create(nnx.Rngs(0))
     assert layers.w1.shape == (3, 8, D, D_FF)
@@ -288,7 +295,7 @@ def test_scanned_layers_stack_aux():
 
     x, aux = forward(layers, tokens())
     assert x.shape == (2, 8, D) and aux["expert_fraction"].shape == (3, 8)
-    assert aux["lb_loss"].shape == (3,) and moe_aux_loss(aux, cfg).shape == ()
+    assert aux["lb_loss"].shape == (3,) and moe_aux_loss(aux, settings(cfg)).shape == ()
 
 
 # ---- expert parallelism ----------------------------------------------------------------
@@ -323,9 +330,7 @@ SHARDED_CASES = [  # (dispatch, dropless_impl, (data, expert))
 
 
 def _mesh(data: int, expert: int) -> jax.sharding.Mesh:
-    return sharding.make_mesh(
-        ConfigDict({"shape": dict(data=data, fsdp=1, expert=expert, tensor=1)})
-    )
+    return sharding.make_mesh(dict(data=data, fsdp=1, expert=expert, tensor=1))
 
 
 @functools.cache
@@ -385,23 +390,32 @@ def test_expert_choice_runs_sharded():
         (dict(dispatch="ragged"), "model.moe.dispatch='ragged'"),
         (dict(dropless_impl="megablox"), "model.moe.dropless_impl='megablox'"),
         (dict(router="expert_choice", dispatch="dropless"), "model.moe.dispatch='dropless'"),
-        (dict(granularity=64), "model.moe.granularity=64"),
+        (dict(granularity=256), "model.moe.granularity=256"),  # d_ff 168 / 256 = 0
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, field):
-    cfg = moe_cfg(**overrides)
-    problems = validate(cfg, D, 2, None, d_ff=D_FF)
-    assert len(problems) == 1 and problems[0].startswith(field) and "\n" not in problems[0]
-    with pytest.raises(ValueError, match=field.replace("[", r"\[")):
-        make_layer(cfg)
+    (problem,) = moe_problems(**overrides)
+    assert problem.startswith(field) and "\n" not in problem
+
+
+def moe_problems(mesh: dict | None = None, **overrides) -> list[str]:
+    """Every problem of the tiny config (d_model 64, 2 layers) with 8 experts and
+    ``overrides``, on 8 devices of mesh ``mesh``."""
+    c = get_config("swiglu,size=tiny")
+    c.model.moe.num_experts = 8
+    c.model.moe.update(overrides)
+    if mesh:
+        c.mesh.shape.update(mesh)
+    return problems(c, num_devices=8)
 
 
 def test_validate_mesh_and_layers():
-    assert validate(moe_cfg(num_experts=0, top_k=5), D, 2, None) == []
-    assert validate(moe_cfg(), D, 2, {"data": 2, "expert": 4}) == []
-    (problem,) = validate(moe_cfg(num_experts=6), D, 2, {"data": 1, "expert": 4})
-    assert "num_experts*granularity=6" in problem and "mesh.shape.expert=4" in problem
-    (problem,) = validate(moe_cfg(every=3), D, 2, None)
+    assert moe_problems(num_experts=0, top_k=5) == []
+    assert moe_problems(dict(data=2, expert=4)) == []
+    (problem,) = moe_problems(dict(data=2, expert=4), num_experts=6)
+    assert "num_experts*granularity=6" in problem and "4-way sharding of logical axis " \
+        "'expert'" in problem
+    (problem,) = moe_problems(every=3)
     assert problem.startswith("model.moe.every=3")
 
 
@@ -417,7 +431,7 @@ def test_experts_not_divisible_by_expert_axis_raises():
 
 def test_moe_cost_by_hand():
     cfg = moe_cfg(num_experts=4, top_k=1, granularity=2, num_shared=1, capacity_factor=1.5)
-    c = moe_cost(cfg, "relu", 8, 16)  # E=8 experts of width 8, k=2, shared width 8
+    c = moe_cost(settings(cfg, 16), "relu", 8)  # E=8 experts of width 8, k=2, shared width 8
     expert, router = 2 * 8 * 8, 8 * 8
     assert c["total_params"] == 8 * expert + router + expert
     assert c["active_params"] == 2 * expert + router + expert

@@ -5,7 +5,7 @@ import pytest
 
 from configs.base import get_config
 from ffn_jax.metrics import read_metrics
-from ffn_jax.trainer import train_and_evaluate
+from tests.helpers import train
 
 E = 4
 # Stated band: with the load-balancing loss on, every expert receives between 1/(2E) and
@@ -18,7 +18,7 @@ def moe_run(workdir, lb_coef):
     c.model.moe.update(num_experts=E, top_k=1, capacity_factor=1.25, lb_loss_coef=lb_coef)
     c.train.update(steps=120, eval_every=0, final_eval=False)
     c.mesh.shape.update(data=2, expert=4)  # expert parallel on the 8 simulated devices
-    result = train_and_evaluate(c, str(workdir))
+    result = train(c, str(workdir))
     rows = [r for r in read_metrics(str(workdir)) if "loss" in r]
     return result, rows
 

@@ -2,6 +2,7 @@
 the memory estimate tracks XLA's, multi-process training, and bad mesh / cluster input."""
 
 import functools
+import math
 import os
 import re
 import socket
@@ -20,9 +21,10 @@ from ml_collections import ConfigDict
 from configs.base import get_config
 from ffn_jax import distributed, memory, sharding, trainer
 from ffn_jax.checkpoint import Checkpointer
-from ffn_jax.configuration import ConfigError, load_config, validate_config
+from ffn_jax.configuration import ConfigError, validate_config
 from ffn_jax.metrics import read_metrics
-from tests.helpers import set_fields
+from ffn_jax.run import build_run_state, load_spec
+from tests.helpers import model_spec, run_spec, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -77,13 +79,14 @@ def run_steps(mesh_name: str | None, moe: bool):
     """
     shape = MESHES[mesh_name][0] if mesh_name else {}
     config = tiny(moe, **shape)
-    mesh = sharding.make_mesh(config.mesh) if mesh_name else sharding.single_device_mesh()
-    rs = trainer.build_run_state(config, mesh)
+    spec = run_spec(config, num_devices=math.prod(shape.values()) if shape else 1)
+    mesh = sharding.make_mesh(spec.mesh.shape) if mesh_name else sharding.single_device_mesh()
+    rs = build_run_state(spec, mesh)
     b, t = config.data.batch_size, config.data.seq_len + 1
     batches = jax.random.randint(jax.random.key(1), (STEPS, b, t), 0, config.model.vocab_size)
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
         jitted = jax.jit(
-            trainer.make_train_step(rs.graphdef, config),
+            trainer.make_train_step(rs.graphdef, spec.train),
             in_shardings=(rs.state_shardings, rs.batch_sharding),
             out_shardings=(rs.state_shardings, None),
         )
@@ -132,7 +135,7 @@ def test_param_and_optimizer_shardings_follow_rules(mesh_name):
 def test_memory_estimate_tracks_compiled(mesh_name):
     rs, step = run_steps(mesh_name, MESHES[mesh_name][1])[:2]
     config = tiny(MESHES[mesh_name][1], **MESHES[mesh_name][0])
-    est = memory.estimate(config, rs.state, rs.mesh, rs.rules)
+    est = memory.estimate(run_spec(config), rs.state, rs.mesh, rs.rules)
     xla = memory.compiled_bytes(step)
     # Parameters and optimiser state are exact: the step's arguments are them plus the batch.
     batch = config.data.batch_size // 8 * (config.data.seq_len + 1) * 4
@@ -146,22 +149,25 @@ def test_memory_estimate_keeps_no_scores_with_fused_attention(monkeypatch):
     c = tiny()
     c.model.dtype = "bfloat16"
     mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_RULES
-    xla = [memory.layer_bytes(c.model, 0, t, mesh, rules)["attention"] for t in (64, 128)]
+    m = model_spec(c.model)
+    xla = [memory.layer_bytes(m, 0, t, mesh, rules)["attention"] for t in (64, 128)]
     assert xla[1] == 2 * xla[0]  # grows with the sequence: scores and probabilities
     gpu = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
-    fused = [memory.layer_bytes(c.model, 0, t, mesh, rules)["attention"] for t in (64, 128)]
+    m = model_spec(c.model)  # the backend is resolved with the spec: cuDNN here
+    fused = [memory.layer_bytes(m, 0, t, mesh, rules)["attention"] for t in (64, 128)]
     assert fused[0] == fused[1] == c.model.n_heads * 4  # one float32 log-sum-exp per head
     c.model.attention = "xla"  # asked for by name: scores again
-    assert memory.layer_bytes(c.model, 0, 64, mesh, rules)["attention"] == xla[0]
+    assert memory.layer_bytes(model_spec(c.model), 0, 64, mesh, rules)["attention"] == xla[0]
 
 
 def test_rules_in_config_choose_the_sharding():
     c = tiny(fsdp=8)
-    rules = dict(sharding.rules_from_config(c.mesh))
+    rules = dict(sharding.parse_rules(c.mesh.rules))
     rules.update(embed=None, mlp="fsdp")  # FSDP over the FFN hidden dim instead of embed
     c.mesh.rules = [[k, v] for k, v in rules.items()]
-    rs = trainer.build_run_state(c, sharding.make_mesh(c.mesh))
+    spec = run_spec(c)
+    rs = build_run_state(spec, sharding.make_mesh(spec.mesh.shape))
     w1 = rs.state[0]["layers"]["blocks"][0]["ffn"]["w1"].get_value()
     assert w1.sharding.spec == P(None, None, "fsdp")
     assert w1.sharding.shard_shape(w1.shape) == (2, 64, w1.shape[-1] // 8)
@@ -267,11 +273,10 @@ def losses(workdir) -> dict[int, float]:
 
 def restored_leaves(workdir, shape: dict | None):
     """The run's last checkpoint restored in this process onto ``shape`` (None: one device)."""
-    config = load_config(str(workdir))
-    config.mesh.shape = ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1,
-                                    **(shape or {})})
-    mesh = sharding.make_mesh(config.mesh) if shape else sharding.single_device_mesh()
-    rs = trainer.build_run_state(config, mesh)
+    full = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **(shape or {})}
+    spec = load_spec(str(workdir), full)
+    mesh = sharding.make_mesh(full) if shape else sharding.single_device_mesh()
+    rs = build_run_state(spec, mesh)
     ckpt = Checkpointer(str(workdir), every=3, keep=2)
     try:
         state, meta, step = ckpt.restore(rs.state)

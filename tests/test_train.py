@@ -15,8 +15,7 @@ from configs.base import get_config
 from ffn_jax import data
 from ffn_jax.configuration import ConfigError, validate_config
 from ffn_jax.metrics import read_metrics
-from ffn_jax.trainer import train_and_evaluate
-from tests.helpers import set_fields
+from tests.helpers import set_fields, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +48,7 @@ def run_cli(*args, timeout=300, **popen):
 def trained(tmp_path_factory):
     """The tiny config trained to the end, scoring the whole validation split at the end."""
     workdir = str(tmp_path_factory.mktemp("tiny"))
-    result = train_and_evaluate(tiny(**{"train.eval_batches": 0}), workdir)
+    result = train(tiny(**{"train.eval_batches": 0}), workdir)
     return workdir, result
 
 
@@ -102,7 +101,7 @@ def test_resume_after_kill_reproduces_losses(tmp_path):
     overrides = {"train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 20,
                  "train.eval_every": 0, "train.warmup_steps": 5}
     straight = str(tmp_path / "straight")
-    train_and_evaluate(tiny(**overrides), straight)
+    train(tiny(**overrides), straight)
     # A run that dies after its step-20 checkpoint, then is restarted.
     resumed = str(tmp_path / "resumed")
     args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={resumed}"]
@@ -162,7 +161,7 @@ def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path):
 )
 def test_bad_config_values(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        train_and_evaluate(tiny(**overrides), str(tmp_path / "run"))
+        train(tiny(**overrides), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
@@ -191,17 +190,17 @@ def test_incompatible_workdir_is_refused(trained, tmp_path):
     workdir, _ = trained
     before = read_text(workdir, "metrics.jsonl")
     with pytest.raises(ConfigError, match=r"holds a run with a different config \(model.ffn"):
-        train_and_evaluate(tiny(**{"model.ffn": "gelu", "train.eval_batches": 0}), workdir)
+        train(tiny(**{"model.ffn": "gelu", "train.eval_batches": 0}), workdir)
     assert read_text(workdir, "metrics.jsonl") == before
 
 
 def test_resume_false_moves_old_run_aside(tmp_path):
     workdir = str(tmp_path / "run")
     c = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.eval_every": 0})
-    train_and_evaluate(c, workdir)
+    train(c, workdir)
     c.train.resume = False
     c.model.ffn = "relu"
-    train_and_evaluate(c, workdir)
+    train(c, workdir)
     aside = [d for d in os.listdir(tmp_path) if d.startswith("run.old-")]
     assert len(aside) == 1
     assert read_json(tmp_path, aside[0], "config.json")["model"]["ffn"] == "swiglu"
@@ -212,14 +211,14 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     c = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.eval_every": 0,
                 "train.checkpoint_every": 10, "train.log_every": 1})
-    train_and_evaluate(c, workdir)
+    train(c, workdir)
     latest = os.path.join(workdir, "checkpoints", "20", "state")
     for root, _, files in os.walk(latest):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
     c.train.steps = 25
-    train_and_evaluate(c, workdir)
+    train(c, workdir)
     assert any("could not be restored" in r.message for r in caplog.records)
     # Resumed from step 10: steps 11..25 were (re)trained.
     assert max(losses(workdir)) == 25
@@ -244,7 +243,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_profile_window_writes_a_trace(tmp_path):
     workdir = str(tmp_path / "run")
-    train_and_evaluate(tiny(**{"train.steps": 6, "train.warmup_steps": 1, "train.eval_every": 0,
+    train(tiny(**{"train.steps": 6, "train.warmup_steps": 1, "train.eval_every": 0,
                                "train.profile_steps": "2:4", "train.final_eval": False}),
                        workdir)
     traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files
@@ -253,7 +252,7 @@ def test_profile_window_writes_a_trace(tmp_path):
 
 
 def test_dropout_trains_through_the_trainer(tmp_path):
-    result = train_and_evaluate(tiny(**{"model.dropout": 0.1, "train.steps": 12,
+    result = train(tiny(**{"model.dropout": 0.1, "train.steps": 12,
                                         "train.warmup_steps": 2, "train.eval_every": 0,
                                         "train.final_eval": False}), str(tmp_path / "run"))
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]

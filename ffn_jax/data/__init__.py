@@ -2,7 +2,7 @@
 
 Typical use from the trainer::
 
-    prep = data.prepare(config.data, workdir)
+    prep = data.prepare(spec.data, workdir)
     it = data.train_iterator(prep.splits["train"], seq_len=T, global_batch=B, seed=s)
     for batch in data.eval_batches(prep.splits["validation"], seq_len=T, batch_size=B,
                                    token_bytes=prep.tokenizer.token_bytes): ...
@@ -12,12 +12,13 @@ Typical use from the trainer::
 from ffn_jax.data.corpora import SPLITS, Corpus
 from ffn_jax.data.evaluation import bits_per_byte, eval_batches
 from ffn_jax.data.loader import to_global, train_iterator
-from ffn_jax.data.pipeline import Prepared, prepare, validate
+from ffn_jax.data.pipeline import CORPORA, Prepared, prepare, tokenizer_vocab_size, validate
 from ffn_jax.data.shakespeare import HELDOUT_WORKS
 from ffn_jax.data.shards import TokenShard
 from ffn_jax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 
 __all__ = [
+    "CORPORA",
     "HELDOUT_WORKS",
     "SPLITS",
     "BPETokenizer",
@@ -30,6 +31,7 @@ __all__ = [
     "eval_batches",
     "prepare",
     "to_global",
+    "tokenizer_vocab_size",
     "train_bpe",
     "train_iterator",
     "validate",

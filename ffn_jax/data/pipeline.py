@@ -1,4 +1,5 @@
-"""From ``config.data`` to a tokenizer and the three token shards: ``validate``, ``prepare``.
+"""From the data spec to a tokenizer and the three token shards: ``validate``, ``prepare``;
+and the corpus registry ``CORPORA``.
 
 ``prepare`` resolves the corpus (fetching Shakespeare on first use), picks the
 tokenizer (the run's own ``<workdir>/tokenizer.json`` when it exists, else byte, a BPE
@@ -9,9 +10,10 @@ tokenizer is then copied into the workdir) and loads or builds the three shards.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ffn_jax.data.cache import cache_root, digest, write_text_atomic
 from ffn_jax.data.corpora import SPLITS, Corpus, path_entries, resolve_entry, text_corpus
@@ -20,8 +22,51 @@ from ffn_jax.data.shakespeare import shakespeare_corpus
 from ffn_jax.data.shards import TokenShard, get_shard
 from ffn_jax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 
-CORPORA = ("shakespeare", "text", "hf")
+if TYPE_CHECKING:
+    from ffn_jax.spec import DataSpec
+
 MIN_BPE_VOCAB = 257  # 256 byte tokens + end-of-text
+
+
+def _text_problems(cfg: DataSpec) -> list[str]:
+    if not path_entries(cfg.paths):
+        return ["data.paths is empty; give comma-separated files, directories or globs"]
+    return []
+
+
+def _hf_problems(cfg: DataSpec) -> list[str]:
+    problems = []
+    if not cfg.hf_name:
+        problems.append("data.hf_name is empty; give a dataset name or a save_to_disk directory")
+    if not cfg.hf_text_field:
+        problems.append("data.hf_text_field is empty; name the column holding the text")
+    if cfg.hf_max_docs < 0:
+        problems.append(f"data.hf_max_docs={cfg.hf_max_docs} is negative; use 0 (all) or more")
+    return problems
+
+
+@dataclass(frozen=True)
+class CorpusKind:
+    """One ``data.corpus`` value: how to build the corpus, the config problems it checks,
+    and whether it splits documents by ``data.heldout_fraction``."""
+
+    name: str
+    build: Callable[[DataSpec, Path], Corpus]
+    problems: Callable[[DataSpec], list[str]]
+    heldout_fraction: bool
+    description: str
+
+
+CORPORA: dict[str, CorpusKind] = {
+    c.name: c for c in (
+        CorpusKind("shakespeare", lambda cfg, cache: shakespeare_corpus(cache), lambda cfg: [],
+                   False, "the complete works, fetched once (built in)"),
+        CorpusKind("text", lambda cfg, cache: text_corpus(cfg.paths, cfg.heldout_fraction),
+                   _text_problems, True, "local text files, directories or globs"),
+        CorpusKind("hf", lambda cfg, cache: hf_corpus(cfg), _hf_problems, True,
+                   "a Hugging Face dataset (the hf extra)"),
+    )
+}
 
 
 @dataclass
@@ -32,23 +77,15 @@ class Prepared:
     splits: dict[str, TokenShard]
 
 
-def _field_problems(cfg: Any) -> list[str]:
+def _field_problems(cfg: DataSpec) -> list[str]:
     """Problems visible in the config values alone (no filesystem access)."""
     problems = []
-    if cfg.corpus not in CORPORA:
-        problems.append(f"data.corpus={cfg.corpus!r} is unknown; use one of {CORPORA}")
-    if cfg.corpus == "text" and not path_entries(cfg.paths):
-        problems.append("data.paths is empty; give comma-separated files, directories or globs")
-    if cfg.corpus == "hf":
-        if not cfg.hf_name:
-            problems.append(
-                "data.hf_name is empty; give a dataset name or a save_to_disk directory"
-            )
-        if not cfg.hf_text_field:
-            problems.append("data.hf_text_field is empty; name the column holding the text")
-        if cfg.hf_max_docs < 0:
-            problems.append(f"data.hf_max_docs={cfg.hf_max_docs} is negative; use 0 (all) or more")
-    if cfg.corpus in ("text", "hf") and not 0 < cfg.heldout_fraction < 0.5:
+    kind = CORPORA.get(cfg.corpus)
+    if kind is None:
+        problems.append(f"data.corpus={cfg.corpus!r} is unknown; use one of {tuple(CORPORA)}")
+    else:
+        problems += kind.problems(cfg)
+    if kind is not None and kind.heldout_fraction and not 0 < cfg.heldout_fraction < 0.5:
         problems.append(
             f"data.heldout_fraction={cfg.heldout_fraction} must be in (0, 0.5); e.g. 0.05"
         )
@@ -63,8 +100,8 @@ def _field_problems(cfg: Any) -> list[str]:
             "use 'byte', 'bpe' or a tokenizer.json path"
         )
     for field in ("seq_len", "batch_size"):
-        if cfg[field] <= 0:
-            problems.append(f"data.{field}={cfg[field]} must be positive")
+        if getattr(cfg, field) <= 0:
+            problems.append(f"data.{field}={getattr(cfg, field)} must be positive")
     if cfg.num_workers < 0:
         problems.append(
             f"data.num_workers={cfg.num_workers} is negative; use 0 (in-process) or more"
@@ -72,7 +109,7 @@ def _field_problems(cfg: Any) -> list[str]:
     return problems
 
 
-def validate(cfg: Any) -> list[str]:
+def validate(cfg: DataSpec) -> list[str]:
     """Human-readable problems with ``config.data`` (one line each: field, value, fix).
 
     Checks what can be checked before anything is written: values, and that the local
@@ -91,15 +128,23 @@ def validate(cfg: Any) -> list[str]:
     return problems
 
 
-def _corpus(cfg: Any, cache: Path) -> Corpus:
-    if cfg.corpus == "shakespeare":
-        return shakespeare_corpus(cache)
-    if cfg.corpus == "text":
-        return text_corpus(cfg.paths, cfg.heldout_fraction)
-    return hf_corpus(cfg)
+def tokenizer_vocab_size(tokenizer: str, vocab_size: int) -> int | None:
+    """The vocabulary of ``data.tokenizer`` known before preparing the data: byte 257, BPE
+    ``data.vocab_size``, a tokenizer.json read from the file (None if it is unreadable)."""
+    if tokenizer == "byte":
+        return ByteTokenizer.VOCAB_SIZE
+    if tokenizer == "bpe":
+        return int(vocab_size)
+    path = Path(str(tokenizer)).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        return BPETokenizer(path.read_text(encoding="utf-8"), source=str(path)).vocab_size
+    except (OSError, ValueError):
+        return None
 
 
-def _tokenizer(cfg: Any, corpus: Corpus, cache: Path, workdir: str | None) -> Tokenizer:
+def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     run_copy = Path(workdir) / "tokenizer.json" if workdir else None
@@ -131,7 +176,7 @@ def _tokenizer(cfg: Any, corpus: Corpus, cache: Path, workdir: str | None) -> To
     return tok
 
 
-def prepare(cfg: Any, workdir: str | None = None) -> Prepared:
+def prepare(cfg: DataSpec, workdir: str | None = None) -> Prepared:
     """Tokenizer and token shards for ``config.data`` (cached; the first call builds them).
 
     Raises ValueError / FileNotFoundError with one line naming the field and the fix.
@@ -140,7 +185,7 @@ def prepare(cfg: Any, workdir: str | None = None) -> Prepared:
     if problems:
         raise ValueError(problems[0])
     cache = cache_root(cfg.cache_dir)
-    corpus = _corpus(cfg, cache)
+    corpus = CORPORA[cfg.corpus].build(cfg, cache)
     tokenizer = _tokenizer(cfg, corpus, cache, workdir)
     splits = {s: get_shard(cache, corpus, s, tokenizer) for s in SPLITS}
     for split, shard in splits.items():

@@ -58,8 +58,10 @@ class Tokenizer(abc.ABC):
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255 plus EOT = 256 (vocab 257); needs no training."""
 
+    VOCAB_SIZE = 257  # 256 bytes + end-of-text
+
     def __init__(self) -> None:
-        self.vocab_size = 257
+        self.vocab_size = self.VOCAB_SIZE
         self.eot_id = 256
         self.hash = hashlib.sha256(b"ffn_jax byte tokenizer v1").hexdigest()[:16]
         self.token_bytes = np.ones(self.vocab_size, np.int64)

@@ -47,7 +47,6 @@ from ffn_jax.inspect.collect import (
     trace,
 )
 from ffn_jax.inspect.report import HEATMAP, MIN_OCCURRENCES, REPORT, write_report
-from ffn_jax.model import is_moe_layer
 
 __all__ = [
     "HEATMAP", "MIN_OCCURRENCES", "REPORT", "Context", "ExpertTokens", "Inspection", "Neuron",
@@ -66,29 +65,29 @@ def inspect_run(workdir: str, *, layers: str = "", neurons: int = 8, contexts: i
     FileNotFoundError for a workdir without a run or checkpoints, ValueError for a request
     the run cannot answer.
     """
-    from ffn_jax.configuration import load_config
-    from ffn_jax.evaluate import restore_run
+    from ffn_jax.run import load_spec, restore
     from ffn_jax.sharding import single_device_mesh
 
-    m = load_config(workdir).model
+    mesh = single_device_mesh()
+    m = load_spec(workdir, dict(mesh.shape)).model
     chosen = parse_layers(layers, m.n_layers)
     check_request(m, chosen, neurons, contexts, windows, experts)
-    config, prep, rs, state, step = restore_run(workdir, step, single_device_mesh())
-    model, _ = nnx.merge(rs.graphdef, state)
+    r = restore(workdir, step, mesh)
+    model, _ = nnx.merge(r.rs.graphdef, r.state)
     model.eval()
-    routed = [i for i in chosen if is_moe_layer(i, m)] if experts is not False else []
-    dense = [i for i in chosen if not is_moe_layer(i, m)] if neurons else []
-    windows_wt = first_windows(prep.splits["validation"].tokens, config.data.seq_len, windows)
-    tok = prep.tokenizer
-    with jax.set_mesh(rs.mesh):
+    routed = [i for i in chosen if m.is_moe_layer(i)] if experts is not False else []
+    dense = [i for i in chosen if not m.is_moe_layer(i)] if neurons else []
+    windows_wt = first_windows(r.prep.splits["validation"].tokens, r.spec.data.seq_len, windows)
+    tok = r.prep.tokenizer
+    with jax.set_mesh(r.rs.mesh):
         run = scan_windows(model, windows_wt, dense, routed, contexts=contexts,
                            vocab=tok.vocab_size, batch=batch)
     occurrences = np.bincount(windows_wt.reshape(-1), minlength=tok.vocab_size)
     found = Inspection(
-        step=step, tokens=windows_wt.size,
+        step=r.step, tokens=windows_wt.size,
         neurons={i: top_neurons(model, i, run.top[i], windows_wt, neurons=neurons, width=width,
                                 vocab=tok.vocab_size, decode=tok.decode) for i in dense},
         experts={i: ExpertTokens(i, c, occurrences, int(c.sum())) for i, c in run.counts.items()},
     )
-    write_report(workdir, config, found, chosen, tok.decode)
+    write_report(workdir, r.spec, found, chosen, tok.decode)
     return found

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ffn_jax.model import LM, dense_d_ff, is_moe_layer
-from ffn_jax.moe.routing import expert_choice_route, top_k_route
+from ffn_jax.model import LM
+from ffn_jax.moe.routers import ROUTERS
 from ffn_jax.moe.settings import capacity
+
+if TYPE_CHECKING:
+    from ffn_jax.spec import ModelSpec
 
 PROMOTED_TOKENS = 8  # promoted tokens listed per neuron
 
@@ -85,10 +89,10 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def check_request(model_cfg, layers: list[int], neurons: int, contexts: int, windows: int,
+def check_request(m: ModelSpec, layers: list[int], neurons: int, contexts: int, windows: int,
                   experts: bool | None) -> None:
     """ValueError (one line: flag, value, fix) for a request the run cannot answer."""
-    d_ff = dense_d_ff(model_cfg)
+    d_ff = m.d_ff
     if not 0 <= neurons <= d_ff:
         raise ValueError(f"--neurons={neurons} must be in [0, d_ff={d_ff}] (the FFN width of "
                          f"this run); use at most --neurons={d_ff}")
@@ -96,12 +100,12 @@ def check_request(model_cfg, layers: list[int], neurons: int, contexts: int, win
         raise ValueError(f"--contexts={contexts} must be >= 1")
     if windows < 1:
         raise ValueError(f"--windows={windows} must be >= 1")
-    if experts and model_cfg.moe.num_experts == 0:
+    if experts and m.moe is None:
         raise ValueError("--experts: this run is dense (model.moe.num_experts=0); expert "
                          "specialisation needs an MoE run, so drop --experts")
-    if experts and not any(is_moe_layer(i, model_cfg) for i in layers):
+    if experts and m.moe is not None and not any(m.is_moe_layer(i) for i in layers):
         raise ValueError(f"--experts: none of --layers={layers} is an MoE layer (every "
-                         f"model.moe.every={model_cfg.moe.every}-th); choose one of them")
+                         f"model.moe.every={m.moe.every}-th); choose one of them")
 
 
 # ---- running the model ---------------------------------------------------------------
@@ -119,13 +123,8 @@ def route(moe_ffn, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
     tokens indexed over ``b * t`` (evaluation mode: no jitter)."""
     s = moe_ffn.settings
     probs_te = jax.nn.softmax(moe_ffn.router_logits(x_btd).reshape(-1, s.num_experts), -1)
-    n = probs_te.shape[0]
-    if s.router == "expert_choice":
-        cap = capacity(s.eval_capacity_factor, s.top_k, n, s.num_experts)
-        token_ec, _ = expert_choice_route(probs_te, cap)
-        return jnp.repeat(jnp.arange(s.num_experts, dtype=jnp.int32), cap), token_ec.reshape(-1)
-    expert_tk, _ = top_k_route(probs_te, s.top_k, s.renormalize)
-    return expert_tk.reshape(-1), jnp.repeat(jnp.arange(n, dtype=jnp.int32), s.top_k)
+    cap = capacity(s.eval_capacity_factor, s.top_k, probs_te.shape[0], s.num_experts)
+    return ROUTERS[s.router].assign(probs_te, s, cap)
 
 
 def trace(model: LM, tokens_bt: jax.Array, hidden_layers: frozenset[int],

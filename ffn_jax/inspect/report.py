@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from ml_collections import ConfigDict
 
+from ffn_jax.data.cache import write_text_atomic
 from ffn_jax.inspect.collect import Context, Decode, ExpertTokens, Inspection, Neuron
-from ffn_jax.model import dense_d_ff, is_moe_layer, option
+
+if TYPE_CHECKING:
+    from ffn_jax.spec import RunSpec
 
 REPORT = "inspect.md"
 HEATMAP = "inspect_expert_load.png"
@@ -93,28 +97,28 @@ def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
     plt.close(fig)
 
 
-def header(config: ConfigDict, found: Inspection, layers: list[int]) -> list[str]:
+def header(spec: RunSpec, found: Inspection, layers: list[int]) -> list[str]:
     """Title and the settings the numbers depend on."""
-    m, t = config.model, config.data.seq_len
-    return [f"# Inside the FFN: {config.name}, step {found.step}", "",
+    m, t = spec.model, spec.data.seq_len
+    return [f"# Inside the FFN: {spec.name}, step {found.step}", "",
             f"{found.tokens:,} validation tokens (the first {found.tokens // t} windows of {t}); "
-            f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {dense_d_ff(m)}, "
-            f"{option(m, 'norm_position')}-norm. See `ffn_jax/inspect/__init__.py` for the "
+            f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {m.d_ff}, "
+            f"{m.norm_position}-norm. See `ffn_jax/inspect/__init__.py` for the "
             "definitions.", ""]
 
 
-def write_report(workdir: str, config: ConfigDict, found: Inspection, layers: list[int],
+def write_report(workdir: str, spec: RunSpec, found: Inspection, layers: list[int],
                  decode: Decode) -> str:
     """Write ``inspect.md`` (and the heatmap for MoE layers) into ``workdir``; returns its
     path."""
-    lines = header(config, found, layers)
+    lines = header(spec, found, layers)
     if found.neurons:
         lines += ["## Key-value memories", "",
                   "Neurons with the highest activation; each with its top-activating contexts "
                   "(trigger token `[[marked]]`) and the tokens its `w2` row promotes through "
                   "the output embedding.", ""]
         for i in layers:
-            if is_moe_layer(i, config.model):
+            if spec.model.is_moe_layer(i):
                 lines += [f"### Layer {i}: MoE (experts, below)", ""]
             elif i in found.neurons:
                 lines += [f"### Layer {i}", ""]
@@ -126,7 +130,5 @@ def write_report(workdir: str, config: ConfigDict, found: Inspection, layers: li
         for i in sorted(found.experts):
             lines += expert_section(found.experts[i], decode)
     path = os.path.join(workdir, REPORT)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    write_text_atomic(Path(path), "\n".join(lines))
     return path

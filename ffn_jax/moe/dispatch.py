@@ -1,8 +1,9 @@
 """Dispatch and combine for one group of tokens (one data shard), expert parallel inside.
 
-``moe_shard`` is the per-shard function: it sees the ``t`` tokens local to its shard and the
-``E_l = E / n_ep`` experts local to its expert shard, and exchanges tokens over the expert mesh
-axis with ``all_to_all``. Without a mesh it runs as is with no collectives (``axes.expert`` None).
+Each path runs inside the per-shard function (``routers.moe_shard``): it sees the ``t``
+tokens local to its shard and the ``E_l = E / n_ep`` experts local to its expert shard, and
+exchanges tokens over the expert mesh axis with ``all_to_all``. Without a mesh it runs as is
+with no collectives (``axes.expert`` None).
 
 Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tensors):
 
@@ -45,8 +46,7 @@ from ffn_jax.moe.experts import (
     ragged_experts,
     tiled_experts,
 )
-from ffn_jax.moe.routing import aux_from_sums, expert_choice_route, router_sums, top_k_route
-from ffn_jax.moe.settings import MoESettings, capacity
+from ffn_jax.moe.routing import expert_choice_route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,34 +175,3 @@ def dropless_dispatch(
     y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     count_e = jnp.bincount(expert_a, length=w["w1"].shape[0] * axes.n_expert)
     return y_td, count_e, jnp.zeros((), jnp.int32), t * k
-
-
-def _psum(tree: dict[str, jax.Array], axes: tuple[str, ...]) -> dict[str, jax.Array]:
-    return jax.tree.map(lambda v: jax.lax.psum(v, axes), tree) if axes else tree
-
-
-def moe_shard(
-    x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act: Activation,
-    capacity_factor: float, axes: ShardAxes,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Routed experts on one shard: ``x (b, l, d)``, float32 ``logits (b, l, E)`` and the local
-    experts' weights -> ``(y (b, l, d), aux)``; aux values are global over the batch axes."""
-    batch, length, d = x_bld.shape
-    x_td = x_bld.reshape(batch * length, d)
-    logits_te = logits_ble.reshape(batch * length, -1).astype(jnp.float32)
-    probs_te = jax.nn.softmax(logits_te, axis=-1)
-    cap = capacity(capacity_factor, s.top_k, batch * length, s.num_experts)
-    if s.router == "expert_choice":
-        y_td, count_e, dropped, of = expert_choice_dispatch(x_td, probs_te, w, act, cap, axes)
-    else:
-        expert_tk, weight_tk = top_k_route(probs_te, s.top_k, s.renormalize)
-        if s.dispatch == "capacity":
-            y_td, count_e, dropped, of = capacity_dispatch(
-                x_td, expert_tk, weight_tk, w, act, cap, axes, length
-            )
-        else:
-            y_td, count_e, dropped, of = dropless_dispatch(
-                x_td, expert_tk, weight_tk, w, act, s.dropless_impl, axes
-            )
-    sums = _psum(router_sums(logits_te, probs_te, count_e, dropped, of), axes.batch)
-    return y_td.reshape(batch, length, d), aux_from_sums(sums)

@@ -1,10 +1,11 @@
 """``MoEFFN``: the Mixture-of-Experts FFN module and its expert-parallel ``shard_map``.
 
-Parameters (DESIGN.md): ``router`` ``(d_model, E)`` logical ``("embed", None)`` (optional
-``router_bias`` ``(E,)``); expert weights ``w1``/``w3`` ``(E, d_model, f)`` logical
-``("expert", "embed", "mlp")`` and ``w2`` ``(E, f, d_model)`` ``("expert", "mlp", "embed")``,
-optional biases ``b1``/``b3`` ``(E, f)`` and ``b2`` ``(E, d_model)``; ``shared``: a dense
-``ffn_jax.ffn.FFN`` of width ``num_shared * f`` (the shared experts fused), always on.
+Parameters (the dense FFN's names, ``ffn_jax/ffn.py``, with a leading expert axis):
+``router`` ``(d_model, E)`` logical ``("embed", None)`` (optional ``router_bias`` ``(E,)``);
+expert weights ``w1``/``w3`` ``(E, d_model, f)`` logical ``("expert", "embed", "mlp")`` and
+``w2`` ``(E, f, d_model)`` ``("expert", "mlp", "embed")``, optional biases ``b1``/``b3``
+``(E, f)`` and ``b2`` ``(E, d_model)``; ``shared``: a dense ``ffn_jax.ffn.FFN`` of width
+``num_shared * f`` (the shared experts fused), always on.
 
 Sharding: under an ambient mesh (``jax.set_mesh``) the routed part runs in one
 ``jax.shard_map`` over the whole mesh: tokens are split over the mesh axes of the logical
@@ -29,9 +30,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ffn_jax.ffn import FFN, get_variant, kernel_init
-from ffn_jax.moe.dispatch import NO_MESH, ShardAxes, moe_shard
+from ffn_jax.moe.dispatch import NO_MESH, ShardAxes
 from ffn_jax.moe.experts import Weights
-from ffn_jax.moe.settings import MoESettings, validate
+from ffn_jax.moe.routers import moe_shard
+from ffn_jax.moe.settings import MoESettings
 from ffn_jax.sharding import logical_to_spec, param
 
 _EXPERT_NDIM = {"w1": 3, "w3": 3, "w2": 3, "b1": 2, "b3": 2, "b2": 2}  # name -> ndim
@@ -104,8 +106,8 @@ def run_routed(
 class MoEFFN(nnx.Module):
     """Mixture-of-Experts FFN: ``x (batch, length, d_model) -> (y same shape, aux)``.
 
-    ``moe_cfg`` is ``config.model.moe``; ``d_ff`` the dense parameter-matched width (expert
-    width ``d_ff // granularity``). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
+    ``settings`` are the resolved MoE settings (``ModelSpec.moe``; expert width, E and k
+    already include the granularity). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
     ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
     Init: router and ``w1``/``w3`` std ``1/sqrt(fan_in)``; ``w2`` (and the shared expert's)
     times ``out_scale``, as the dense FFN it replaces (``1/sqrt(2 n_layers)`` in the LM).
@@ -114,22 +116,16 @@ class MoEFFN(nnx.Module):
     def __init__(
         self,
         d_model: int,
-        moe_cfg,
+        settings: MoESettings,
         *,
         variant: str,
-        d_ff: int,
         use_bias: bool = False,
         router_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
-        problems = validate(moe_cfg, d_model, None, None, d_ff=d_ff)
-        if int(moe_cfg.num_experts) < 1:
-            problems.append("model.moe.num_experts=0 means a dense FFN; build ffn.FFN instead")
-        if problems:
-            raise ValueError("; ".join(problems))
-        s = self.settings = MoESettings.from_config(moe_cfg, d_ff)
+        s = self.settings = settings
         self.variant = get_variant(variant)
         self.dtype = dtype
         self.deterministic = False

@@ -22,9 +22,13 @@ the unsharded ones exactly. ``moe_aux_loss`` averages the per-layer values over 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from ffn_jax.moe.settings import MoESettings
 
 
 def top_k_route(probs_te: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +92,7 @@ def aux_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def moe_aux_loss(aux: Mapping[str, jax.Array], moe_cfg) -> jax.Array:
+def moe_aux_loss(aux: Mapping[str, jax.Array], s: MoESettings) -> jax.Array:
     """The auxiliary training loss of the MoE layers, to add to the task loss.
 
     ``lb_loss_coef * mean_layers(lb_loss) + z_loss_coef * mean_layers(z_loss)`` where ``aux``
@@ -96,5 +100,5 @@ def moe_aux_loss(aux: Mapping[str, jax.Array], moe_cfg) -> jax.Array:
     (scalars). Averaging over layers keeps the coefficient's meaning independent of depth; the
     load-balance term is ``lb_loss_coef`` at perfect balance.
     """
-    lb = moe_cfg.lb_loss_coef * jnp.mean(aux["lb_loss"])
-    return lb + moe_cfg.z_loss_coef * jnp.mean(aux["z_loss"])
+    lb = s.lb_loss_coef * jnp.mean(aux["lb_loss"])
+    return lb + s.z_loss_coef * jnp.mean(aux["z_loss"])

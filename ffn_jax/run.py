@@ -1,0 +1,204 @@
+"""A run on disk and on device: the workdir layout, atomic JSON files, the run's spec,
+building and restoring its state.
+
+Workdir of a run (the contract in ``../shared/DESIGN.md``)::
+
+    config.json     the resolved config (JSON; read back with ``load_spec``)
+    run.json        provenance: git commit, library versions, devices (written at start)
+    metrics.jsonl   one JSON object per logged step (``ffn_jax.metrics``)
+    tb/             TensorBoard event files
+    checkpoints/    orbax checkpoints, one directory per step
+    eval.json       held-out scores after evaluation
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from ffn_jax import data as data_lib
+from ffn_jax import sharding
+from ffn_jax.data.cache import write_text_atomic
+from ffn_jax.model import LM, count_params
+from ffn_jax.optim import make_optimizer
+from ffn_jax.spec import ConfigError, RunSpec, config_diff, from_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "run.json"
+EVAL_FILE = "eval.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a unique temporary file moved
+    into place), so readers never see half a file and concurrent writers never collide."""
+    write_text_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- the run's config ---------------------------------------------------------------------
+
+
+def load_spec(workdir: str, mesh_shape: dict[str, int] | None = None) -> RunSpec:
+    """The spec of the run in ``workdir`` (its ``config.json``, upgraded if older), on the
+    current devices or on a mesh of ``mesh_shape``."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir} holds no run (no config.json); train "
+                                "into it first with train.py")
+    return from_config(read_json(path), mesh_shape=mesh_shape)
+
+
+def check_workdir(spec: RunSpec, workdir: str, resume: bool) -> None:
+    """Refuse an incompatible existing run in ``workdir``; with ``resume=False`` move the old
+    run aside to ``<workdir>.old-<time>`` instead, so nothing is lost."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    diff = config_diff(read_json(path), dict(spec.source))
+    if resume and diff:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:4])}"
+            f"{'; ...' if len(diff) > 4 else ''}); use a new --workdir, or pass "
+            "--config.train.resume=False to move the old run aside and start over"
+        )
+    if not resume and jax.process_index() == 0:
+        aside = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(workdir, aside)
+        log.warning("train.resume=False: moved the existing run in %s to %s", workdir, aside)
+
+
+def _git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict[str, Any]:
+    """Where a result came from: code commit, library versions, devices, host."""
+    import flax
+    import optax
+    import orbax.checkpoint
+
+    dev = jax.devices()[0]
+    return {
+        "git_commit": _git_commit(), "python": platform.python_version(),
+        "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "orbax": orbax.checkpoint.__version__,
+        "platform": dev.platform, "device_kind": dev.device_kind,
+        "device_count": jax.device_count(), "process_count": jax.process_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_config(spec: RunSpec, workdir: str) -> None:
+    """Write the resolved config and the provenance sidecar (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(os.path.join(workdir, CONFIG_FILE), dict(spec.source))
+    write_json_atomic(os.path.join(workdir, PROVENANCE_FILE), provenance())
+
+
+# ---- checkpoints on disk ------------------------------------------------------------------
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest committed checkpoint step in ``workdir`` (None if there is none)."""
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    return max(done) if done else None
+
+
+def run_is_finished(workdir: str, steps: int) -> bool:
+    """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps``."""
+    latest = latest_step(workdir)
+    return latest is not None and latest >= steps
+
+
+# ---- the run on device --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything a run needs on device: the mesh, the split model+optimiser, shardings."""
+
+    mesh: jax.sharding.Mesh
+    rules: sharding.Rules
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    state_shardings: nnx.State
+    batch_sharding: NamedSharding
+    n_params: int
+
+
+def build_run_state(spec: RunSpec, mesh: jax.sharding.Mesh | None = None) -> RunState:
+    """Create the sharded model and optimiser of ``spec`` on ``mesh`` (default: its own)."""
+    mesh = mesh or sharding.make_mesh(spec.mesh.shape)
+    rules = spec.mesh.rules
+    tx = make_optimizer(spec.train)
+
+    def build():
+        model = LM(spec.model, rngs=nnx.Rngs(params=spec.seed, dropout=spec.seed + 1))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with jax.set_mesh(mesh), sharding.axis_rules(rules):
+        model, opt = sharding.create_sharded(build, mesh, rules)
+    graphdef, state = nnx.split((model, opt))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules))
+    return RunState(mesh, rules, graphdef, state, shardings, batch_sharding, count_params(model))
+
+
+@dataclasses.dataclass
+class Restored:
+    """A run rebuilt from its workdir: spec, data, device state and the restored step."""
+
+    spec: RunSpec
+    prep: data_lib.Prepared
+    rs: RunState
+    state: nnx.State
+    step: int
+
+
+def restore(workdir: str, step: int | None = None,
+            mesh: jax.sharding.Mesh | None = None) -> Restored:
+    """Rebuild the run in ``workdir`` and restore its checkpoint (latest or ``step``) onto
+    ``mesh`` (default: the run's configured mesh on the current devices)."""
+    from ffn_jax.checkpoint import Checkpointer
+
+    spec = load_spec(workdir, dict(mesh.shape) if mesh is not None else None)
+    ckpt = Checkpointer(workdir, spec.train.checkpoint_every, spec.train.keep_checkpoints)
+    if not ckpt.steps():
+        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints; train it first "
+                                "(python train.py --workdir=... with its config)")
+    prep = data_lib.prepare(spec.data, workdir)
+    rs = build_run_state(spec, mesh)
+    restored = ckpt.restore(rs.state, None, step)
+    ckpt.close()
+    assert restored is not None
+    state, _, step = restored
+    return Restored(spec, prep, rs, state, step)
