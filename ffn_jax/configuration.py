@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from ml_collections import ConfigDict
 
@@ -23,9 +25,11 @@ def validate_config(config: ConfigDict, num_devices: int | None = None) -> list[
     return problems(config, num_devices)
 
 
-def resolve(config: ConfigDict, num_devices: int | None = None) -> RunSpec:
-    """The run spec of ``config`` on ``num_devices`` devices (default: all); ConfigError."""
-    return from_config(config, num_devices)
+def resolve(config: ConfigDict, num_devices: int | None = None,
+            group: Mapping[str, Any] | None = None) -> RunSpec:
+    """The run spec of ``config`` on ``num_devices`` devices (default: all), in sweep group
+    ``group`` (default: none, or the one its name implies); ConfigError."""
+    return from_config(config, num_devices, group=group)
 
 
 def load_config(workdir: str) -> ConfigDict:

@@ -477,14 +477,18 @@ def problems(config: Any, num_devices: int | None = None) -> list[str]:
 
 
 def from_config(config: Any, num_devices: int | None = None,
-                mesh_shape: Mapping[str, int] | None = None) -> RunSpec:
+                mesh_shape: Mapping[str, int] | None = None,
+                group: Mapping[str, Any] | None = None) -> RunSpec:
     """Resolve ``config`` (a ConfigDict or a ``config.json`` dict) into a :class:`RunSpec` on
     ``num_devices`` devices (default: all of jax's). ``mesh_shape`` replaces
-    ``mesh.shape`` (restoring a run onto another mesh). Raises ConfigError with every
-    problem."""
+    ``mesh.shape`` (restoring a run onto another mesh); ``group`` sets the run's sweep group
+    (stored in ``config.json``). Raises ConfigError with every problem."""
     import jax
 
-    raw = upgrade(config)
+    raw = to_dict(config)
+    if group is not None:
+        raw["group"] = dict(group)
+    raw = upgrade(raw)
     if mesh_shape is not None:
         raw["mesh"]["shape"] = dict(mesh_shape)
         num_devices = math.prod(mesh_shape.values())

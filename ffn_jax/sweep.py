@@ -157,13 +157,12 @@ def _set(c: ConfigDict, field: str, value: Any) -> None:
 
 def run_config(config: ConfigDict, run: Run) -> ConfigDict:
     """The full config of ``run``: the sweep's base config (no ``sweep`` block) with the
-    run's overrides and its ``group``."""
+    run's overrides (its ``group`` is added when it is resolved: ``resolve(c, run.group)``)."""
     base = config.to_dict()
     base.pop("sweep")
     c = ConfigDict(json.loads(json.dumps(base)))
     for field, value in run.overrides.items():
         _set(c, field, value)
-    c.group = dict(run.group)
     return c
 
 
@@ -189,7 +188,7 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     """Train every run of the sweep (skipping finished ones); returns each run's result."""
     from ffn_jax.trainer import train_and_evaluate
 
-    all_runs = run_configs(config)
+    all_runs = [(r, run_config(config, r)) for r in runs(config)]
     problems: list[str] = []
     for _, c in all_runs[: len(all_runs) // config.sweep.seeds]:  # every run of seed 0
         problems += [p for p in validate_config(c) if p not in problems]
@@ -200,13 +199,13 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     write_json_atomic(os.path.join(workdir, SWEEP_FILE), config.to_dict())
 
     results = []
-    for i, (name, c) in enumerate(all_runs):
-        run_dir = os.path.join(workdir, name)
+    for i, (run, c) in enumerate(all_runs):
+        name, run_dir = run.name, os.path.join(workdir, run.name)
         if run_is_finished(run_dir, c.train.steps):
             log.info("[%d/%d] %s: finished, skipped", i + 1, len(all_runs), name)
             continue
         log.info("[%d/%d] %s: training", i + 1, len(all_runs), name)
-        results.append({"name": name, **train_and_evaluate(resolve(c), run_dir)})
+        results.append({"name": name, **train_and_evaluate(resolve(c, group=run.group), run_dir)})
     return results
 
 

@@ -1,6 +1,7 @@
 """The comparison sweep end to end: train.py -> eval.py -> results files; resume; errors."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import time
 import pytest
 
 from configs import compare
-from ffn_jax.configuration import ConfigError
-from ffn_jax.sweep import run_configs, train_sweep
+from ffn_jax.configuration import ConfigError, resolve
+from ffn_jax.sweep import evaluate_sweep, run_configs, train_sweep
+from ffn_jax.sweep import runs as sweep_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FLAGS = ["--config=configs/compare.py:quick", "--config.sweep.variants=relu,swiglu",
@@ -108,3 +110,47 @@ def test_eval_on_directory_without_runs(tmp_path):
     assert "holds no run" in proc.stderr
     proc = cli("eval.py", f"--workdir={tmp_path / 'missing'}")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_axes_sweep_any_field_with_the_group_in_each_run():
+    c = compare.get_config("quick")
+    c.sweep.variants, c.sweep.seeds = "relu,moe_top1", 2
+    c.sweep.axes = "train.lr=1e-3,3e-3; model.d_model=32"
+    runs = dict(run_configs(c))
+    assert list(runs)[:4] == ["relu-lr=0.001-d_model=32-s0", "relu-lr=0.003-d_model=32-s0",
+                              "moe_top1-lr=0.001-d_model=32-s0",
+                              "moe_top1-lr=0.003-d_model=32-s0"]
+    r = runs["moe_top1-lr=0.003-d_model=32-s1"]
+    assert (r.train.lr, r.model.d_model, r.seed, r.model.moe.num_experts) == (3e-3, 32, 1, 8)
+    run = {r.name: r for r in sweep_runs(c)}["moe_top1-lr=0.003-d_model=32-s1"]
+    assert run.group == {"variant": "moe_top1", "train.lr": 3e-3, "model.d_model": 32,
+                         "seed": 1}
+    assert resolve(r, group=run.group).group == run.group
+    c.sweep.axes = "train.learning_rate=1e-3"
+    with pytest.raises(ConfigError, match=r"'train.learning_rate' is not a config field"):
+        run_configs(c)
+    c.sweep.axes = "train.lr"
+    with pytest.raises(ConfigError, match=r"sweep.axes: 'train.lr' is not 'field=v1,v2'"):
+        run_configs(c)
+
+
+@pytest.mark.slow
+def test_sweep_over_the_learning_rate_gives_one_group_per_value(tmp_path):
+    """train.lr is a field every run of a comparison shares, unless the sweep varies it:
+    then each value is its own group, paired against the baseline at the same value."""
+    c = compare.get_config("quick")
+    c.sweep.variants, c.sweep.seeds, c.sweep.axes = "relu,swiglu", 1, "train.lr=1e-3,3e-3"
+    c.train.steps, c.train.warmup_steps, c.train.eval_every = 4, 1, 0
+    c.train.log_every = c.train.checkpoint_every = 2
+    workdir = str(tmp_path / "lr")
+    train_sweep(c, workdir)
+    evaluate_sweep(workdir)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"relu lr=0.001", "relu lr=0.003", "swiglu lr=0.001", "swiglu lr=0.003"}
+    assert {rows[k]["train.lr"] for k in rows} == {"0.001", "0.003"}
+    with open(os.path.join(workdir, "swiglu-lr=0.003-s0", "config.json")) as f:
+        assert json.load(f)["group"] == {"variant": "swiglu", "train.lr": 0.003, "seed": 0}
+    assert rows["relu lr=0.003"]["significant"] == "baseline"
+    assert rows["swiglu lr=0.003"]["significant"] == "n/a (1 seed)"  # paired with relu at 3e-3
+    assert rows["relu lr=0.001"]["test_loss_mean"] != rows["relu lr=0.003"]["test_loss_mean"]
