@@ -12,7 +12,7 @@ $(BIN)/python: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/python
 
-.PHONY: venv test test-fast lint compare train clean
+.PHONY: venv test test-fast lint typecheck compare train clean
 venv: $(BIN)/python
 
 # Huge-page malloc for XLA:CPU's per-step buffers (ffn_jax/host.py; train.py sets it itself).
@@ -26,6 +26,9 @@ test-fast: $(BIN)/python
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .
+
+typecheck: $(BIN)/python
+	$(BIN)/pyright
 
 compare: $(BIN)/python
 	$(BIN)/python train.py --config=configs/compare.py:$(PRESET) --workdir=$(WORKDIR)

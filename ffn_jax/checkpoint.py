@@ -13,6 +13,7 @@ import os
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def to_saveable(state: nnx.State) -> dict:

@@ -54,7 +54,8 @@ def evaluate_split(eval_step, state, shard, data: DataSpec, rs: RunState,
     )
     spec = rs.batch_sharding.spec
     for b in batches:
-        arrays = [data_lib.to_global(b[k], rs.mesh, spec) for k in ("inputs", "targets", "mask")]
+        arrays = [data_lib.to_global(np.asarray(b[k]), rs.mesh, spec)
+                  for k in ("inputs", "targets", "mask")]
         sums.append(eval_step(state, *arrays))
         total_bytes += int(b["bytes"])  # of the global batch, the same on every process
         if len(sums) % 8 == 0:

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,6 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_kwargs) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def gated_activation(act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax.Array
                      ) -> jax.Array:
     """``act(h) * g``, keeping only ``h`` and ``g`` for the backward pass.
@@ -131,6 +131,11 @@ def gated_activation(act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax
     ``silu(h)`` and ``g``); the backward here recomputes them from ``h`` in the fused
     elementwise kernel instead, halving the per-layer residual memory traffic.
     """
+    return cast(jax.Array, _gated(act, h, g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax.Array) -> jax.Array:
     return act(h) * g
 
 
@@ -145,7 +150,7 @@ def _gated_bwd(act, residuals, dy):
     return dh, dy * a
 
 
-gated_activation.defvjp(_gated_fwd, _gated_bwd)
+_gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 # Std of a unit normal truncated to [-2, 2]: dividing by it gives the truncated draw std 1.
@@ -189,6 +194,7 @@ class FFN(nnx.Module):
         )
         self.b2 = nnx.Param(zeros_d(rngs.params(), (d_model,))) if use_bias else None
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.capture = False  # True: also return {"capture/hidden": h} (see ``LM.capture``)
 
     def hidden(self, x: jax.Array) -> jax.Array:
         """The hidden activations ``(..., d_ff)`` (the gated product for gated variants)."""
@@ -210,14 +216,15 @@ class FFN(nnx.Module):
             h = constrain(h, ("batch", "length", "act_mlp"))
         return h
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.hidden(x)
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """``y`` (same shape as ``x``); with ``capture`` on, ``(y, {"capture/hidden": h})``."""
+        h = captured = self.hidden(x)
         if self.dropout is not None:
             h = self.dropout(h)
         y = token_matmul(h, self.w2[...].astype(self.dtype))
         if self.b2 is not None:
             y = y + self.b2[...].astype(self.dtype)
-        return y
+        return (y, {"capture/hidden": captured}) if self.capture else y
 
 
 def build_ffn(

@@ -12,7 +12,7 @@ MFU = FLOPs/token x tokens/s / peak FLOP/s.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,7 @@ def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10,
     return 2.0 * n**3 * batch / best
 
 
-def datasheet_peak(device: jax.Device | None = None) -> float | None:
+def datasheet_peak(device: Any = None) -> float | None:
     """The vendor's dense bf16 peak for ``device`` (None if unknown, e.g. CPU)."""
     kind = (device or jax.devices()[0]).device_kind
     for key, peak in DATASHEET_PEAK_BF16:

@@ -39,7 +39,7 @@ def with_xla_cpu_defaults(xla_flags: str) -> str:
 
 def _glibc_version() -> tuple[int, int] | None:
     try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+        name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()  # "glibc 2.36"
         major, minor = version.split(".")[:2]
         return (int(major), int(minor)) if name == "glibc" else None
     except (AttributeError, ValueError, OSError):

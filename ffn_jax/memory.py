@@ -23,6 +23,7 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ffn_jax.ffn import get_variant
@@ -55,7 +56,7 @@ def shard_bytes(tree) -> int:
         return math.prod(shape) * np.dtype(x.dtype).itemsize
 
     leaves = jax.tree.leaves(tree)
-    return sum(one(x) for x in leaves if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    return sum(one(x) for x in leaves if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
 def _ways(logical: str, mesh: jax.sharding.Mesh, rules) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 from tqdm import tqdm
@@ -29,7 +29,8 @@ class MetricWriter:
 
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._file = self._tb = None
+        self._file: TextIO | None = None
+        self._tb: Any = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
@@ -39,7 +40,7 @@ class MetricWriter:
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log ``metrics`` at ``step``: scalars to TensorBoard, everything to the JSONL file."""
-        if not self.enabled:
+        if self._file is None:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
@@ -49,7 +50,7 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
             self._tb.close()
 

@@ -20,7 +20,7 @@ rotary is then off).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +79,10 @@ class Norm(nnx.Module):
         if kind not in NORMS:
             raise ValueError(f"model.norm={kind!r} is not supported; use one of {NORMS}")
         self.kind, self.eps = kind, eps
-        self.scale = nnx.Param(param(nnx.initializers.ones_init(), ("embed",))(None, (dim,)))
+        key = jax.random.key(0)  # unused by constant initialisers
+        self.scale = nnx.Param(param(nnx.initializers.ones_init(), ("embed",))(key, (dim,)))
         self.bias = (
-            nnx.Param(param(nnx.initializers.zeros_init(), ("embed",))(None, (dim,)))
+            nnx.Param(param(nnx.initializers.zeros_init(), ("embed",))(key, (dim,)))
             if kind == "layer" else None
         )
 
@@ -136,7 +137,8 @@ class Attention(nnx.Module):
         names = ("batch", "length", "act_heads", None)
         q, k = constrain(q, names), constrain(k, names)
         v = constrain(v, names)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+        impl = cast(Literal["xla", "cudnn"], self.impl)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(self.dtype))
 
 
@@ -201,9 +203,10 @@ class LayerGroup(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, dict]:
         aux: dict = {}
-        for block in self.blocks:
+        for j, block in enumerate(self.blocks):
             x_btd, a = block(x_btd, positions_bt)
-            aux.update(a)
+            # Captured values are per block: "capture/<block in group>/<name>".
+            aux.update({(k.replace("capture/", f"capture/{j}/", 1)): v for k, v in a.items()})
         return x_btd, aux
 
 
@@ -296,6 +299,17 @@ class LM(nnx.Module):
         x, positions = self.embed_tokens(tokens_bt)
         x, aux = self._apply_layers(x, positions)
         return self.head(x), aux
+
+    def capture(self, on: bool = True) -> None:
+        """Make every FFN also return what it computes inside, through ``aux``, stacked over
+        layer groups like the MoE metrics: ``aux["capture/<j>/hidden"] (groups, b, t, f)``,
+        the hidden activations of block ``j`` of each group (dense FFNs), and
+        ``aux["capture/<j>/expert"]``, ``["capture/<j>/token"]`` (groups, assignments), the
+        router's flat token -> expert assignments (MoE FFNs). Layer ``g * group_size + j``.
+        Used by ``ffn_jax.inspect``; off (the default) it changes nothing."""
+        for _, module in self.iter_modules():
+            if isinstance(module, Block):
+                module.ffn.capture = on
 
 
 def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:

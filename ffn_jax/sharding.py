@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -120,15 +121,15 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None
               ) -> jax.sharding.Mesh:
     """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes of ``shape`` (axis -> size,
     one may be -1; ``MeshSpec.shape`` is already resolved) over ``devices`` (default all)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh_shape(dict(shape), len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_sizes = tuple(sizes[a] for a in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return jax.make_mesh(axis_sizes, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def single_device_mesh() -> jax.sharding.Mesh:

@@ -461,7 +461,7 @@ def mesh_spec(mesh: Mapping[str, Any], num_devices: int) -> MeshSpec:
     return MeshSpec(shape=shape, rules=rules)
 
 
-def distributed_spec(dist: Mapping[str, Any]) -> DistributedSpec:
+def distributed_spec(dist: Any) -> DistributedSpec:
     """The :class:`DistributedSpec` of a ``config.distributed`` block (no checks here: they
     run in ``distributed.initialize``, before jax touches the devices)."""
     return _build(DistributedSpec, to_dict(dist))

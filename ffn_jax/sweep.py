@@ -64,8 +64,9 @@ def is_sweep_dir(workdir: str) -> bool:
 
 def variant_names(config: ConfigDict) -> list[str]:
     """The sweep's variant names, checked against the registry and the presets."""
-    names = [v.strip() for v in config.sweep.variants.split(",") if v.strip()]
-    valid = list(VARIANTS) + list(config.sweep.presets.keys())
+    sweep: Any = config.sweep
+    names = [v.strip() for v in sweep.variants.split(",") if v.strip()]
+    valid = list(VARIANTS) + list(sweep.presets.keys())
     bad = [n for n in names if n not in valid]
     if bad:
         raise ConfigError(
@@ -74,7 +75,7 @@ def variant_names(config: ConfigDict) -> list[str]:
     if not names:
         raise ConfigError("sweep.variants is empty; list at least one variant")
     if len(set(names)) != len(names):
-        raise ConfigError(f"sweep.variants={config.sweep.variants!r} lists a variant twice")
+        raise ConfigError(f"sweep.variants={sweep.variants!r} lists a variant twice")
     return names
 
 
@@ -102,11 +103,13 @@ def parse_axes(text: str) -> list[tuple[str, list[Any]]]:
 def _preset_overrides(config: ConfigDict, name: str) -> dict[str, Any]:
     """A ``sweep.presets`` entry as dotted overrides (``model.moe.*`` for MoE fields, else
     ``model.*``)."""
+    model: Any = config.model
+    sweep: Any = config.sweep
     out = {}
-    for k, v in dict(config.sweep.presets[name]).items():
-        if k in config.model.moe:
+    for k, v in dict(sweep.presets[name]).items():
+        if k in model.moe:
             out[f"model.moe.{k}"] = v
-        elif k in config.model:
+        elif k in model:
             out[f"model.{k}"] = v
         else:
             raise ConfigError(f"sweep.presets.{name}.{k}: not a model or model.moe field; "
@@ -121,15 +124,16 @@ def _label(value: Any) -> str:
 def runs(config: ConfigDict) -> list[Run]:
     """Every run of the sweep, in training order (seed-major, so an interrupted sweep has
     complete seeds of every variant first)."""
-    if config.sweep.seeds < 1:
-        raise ConfigError(f"sweep.seeds={config.sweep.seeds} must be >= 1")
+    sweep: Any = config.sweep
+    if sweep.seeds < 1:
+        raise ConfigError(f"sweep.seeds={sweep.seeds} must be >= 1")
     names = variant_names(config)
-    axes = parse_axes(config.sweep.get("axes", ""))
+    axes = parse_axes(sweep.get("axes", ""))
     out = []
-    for seed in range(config.sweep.seeds):
+    for seed in range(sweep.seeds):
         for name in names:
             base: dict[str, Any] = {"model.moe.num_experts": 0}
-            if name in config.sweep.presets:
+            if name in sweep.presets:
                 base.update(_preset_overrides(config, name))
             else:
                 base["model.ffn"] = name
@@ -145,7 +149,7 @@ def runs(config: ConfigDict) -> list[Run]:
 
 def _set(c: ConfigDict, field: str, value: Any) -> None:
     *parents, leaf = field.split(".")
-    node = c
+    node: Any = c
     for part in parents:
         if part not in node or not isinstance(node[part], ConfigDict):
             raise ConfigError(f"sweep: {field!r} is not a config field; fix sweep.axes")
@@ -190,7 +194,8 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
 
     all_runs = [(r, run_config(config, r)) for r in runs(config)]
     problems: list[str] = []
-    for _, c in all_runs[: len(all_runs) // config.sweep.seeds]:  # every run of seed 0
+    sweep: Any = config.sweep
+    for _, c in all_runs[: len(all_runs) // sweep.seeds]:  # every run of seed 0
         problems += [p for p in validate_config(c) if p not in problems]
     if problems:
         raise ConfigError(problems)
@@ -201,11 +206,12 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     results = []
     for i, (run, c) in enumerate(all_runs):
         name, run_dir = run.name, os.path.join(workdir, run.name)
-        if run_is_finished(run_dir, c.train.steps):
+        spec = resolve(c, group=run.group)
+        if run_is_finished(run_dir, spec.train.steps):
             log.info("[%d/%d] %s: finished, skipped", i + 1, len(all_runs), name)
             continue
         log.info("[%d/%d] %s: training", i + 1, len(all_runs), name)
-        results.append({"name": name, **train_and_evaluate(resolve(c, group=run.group), run_dir)})
+        results.append({"name": name, **train_and_evaluate(spec, run_dir)})
     return results
 
 

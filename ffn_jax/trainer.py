@@ -224,15 +224,15 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
                 preempted = pre.signal is not None  # read once: a signal may land any time
                 due_log = step % t.log_every == 0 or last
                 due_ckpt = step % t.checkpoint_every == 0 or last or preempted
-                if due_log or due_ckpt:
-                    host = jax.device_get(window)
+                host = jax.device_get(window) if due_log or due_ckpt else []
+                if host:
                     _check_finite(host, step, ckpt)
                 if due_log:
                     dt = time.perf_counter() - t_window
                     row = _summarise(host)
                     tps = tokens_per_step * len(window) / dt
                     row.update(
-                        tokens=tokens_seen, lr=float(schedule(step - 1)),
+                        tokens=tokens_seen, lr=float(np.asarray(schedule(step - 1))),
                         step_time_s=dt / len(window), tokens_per_s=tps, mfu=fpt * tps / peak_total,
                         # The host fetches batch n+1 while steps n-1 and n run (async dispatch,
                         # MAX_IN_FLIGHT); this stays far below step_time_s unless input-bound.

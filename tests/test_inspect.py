@@ -74,11 +74,20 @@ def _full_trace(model, windows, hidden=(), routed=()):
 
 
 @pytest.mark.parametrize("run", ["dense_run", "moe_run"])
-def test_trace_reproduces_the_model(run, request):
+def test_capture_is_the_model_forward_pass(run, request):
+    """The trace is the model's own forward pass: the same logits, and layer 0's captured
+    hidden activations equal its FFN applied by hand to its input (a plain reference)."""
     _, _, model, windows = _restored(request.getfixturevalue(run))
-    x, _, _ = trace(model, jnp.asarray(windows), frozenset(), frozenset())
-    logits, _ = model(jnp.asarray(windows))
-    np.testing.assert_allclose(model.head(x), logits, rtol=1e-5, atol=1e-5)
+    toks = jnp.asarray(windows[:2])
+    logits, hidden, _ = trace(model, toks, frozenset({0}), frozenset())
+    np.testing.assert_array_equal(logits, model(toks)[0])  # capture off again afterwards
+    assert model(toks)[1].keys() == {k for k in model(toks)[1] if "capture" not in k}
+    x, positions = model.embed_tokens(toks)
+    graphdef, state = nnx.split(model.layers)
+    group = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    block = group.blocks[0]
+    want = block.ffn.hidden(block.ffn_input(block.attend(x, positions)))
+    np.testing.assert_allclose(hidden[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_top_contexts_are_the_brute_force_argmax(dense_run, dense_found):
@@ -197,16 +206,17 @@ def test_eval_py_inspect(dense_run):
 
 
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
-def test_route_assignments(router):
-    from ffn_jax.inspect.collect import route
+def test_captured_route_assignments(router):
     from ffn_jax.moe import MoEFFN
 
     moe_cfg = get_config("swiglu,size=tiny").model.moe
     moe_cfg.num_experts, moe_cfg.router, moe_cfg.eval_capacity_factor = 4, router, 0.5
     ffn = MoEFFN(16, moe_settings(moe_cfg, 32), variant="swiglu", rngs=nnx.Rngs(0))
     ffn.eval()
+    ffn.capture = True
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
-    expert_a, token_a = map(np.asarray, route(ffn, x))
+    _, aux = ffn(x)
+    expert_a, token_a = np.asarray(aux["capture/expert"]), np.asarray(aux["capture/token"])
     probs_te = np.asarray(jax.nn.softmax(ffn.router_logits(x).reshape(16, 4), -1))
     if router == "topk":  # every token to its 2 most probable experts
         np.testing.assert_array_equal(np.bincount(token_a, minlength=16), 2)

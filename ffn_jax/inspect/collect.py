@@ -15,8 +15,7 @@ import numpy as np
 from flax import nnx
 
 from ffn_jax.model import LM
-from ffn_jax.moe.routers import ROUTERS
-from ffn_jax.moe.settings import capacity
+from ffn_jax.moe import MoEFFN
 
 if TYPE_CHECKING:
     from ffn_jax.spec import ModelSpec
@@ -118,42 +117,23 @@ def first_windows(tokens: np.ndarray, seq_len: int, windows: int) -> np.ndarray:
     return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
-def route(moe_ffn, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The router's assignments for ``x (b, t, d)`` as flat ``(expert_a, token_a)`` int32,
-    tokens indexed over ``b * t`` (evaluation mode: no jitter)."""
-    s = moe_ffn.settings
-    probs_te = jax.nn.softmax(moe_ffn.router_logits(x_btd).reshape(-1, s.num_experts), -1)
-    cap = capacity(s.eval_capacity_factor, s.top_k, probs_te.shape[0], s.num_experts)
-    return ROUTERS[s.router].assign(probs_te, s, cap)
-
-
 def trace(model: LM, tokens_bt: jax.Array, hidden_layers: frozenset[int],
           route_layers: frozenset[int]) -> tuple[jax.Array, dict, dict]:
-    """The forward pass block by block over the stacked parameters (as ``LM`` does without
-    scan), recording the FFN hidden activations ``(b, t, f)`` of ``hidden_layers`` and the
-    router assignments (``route``) of ``route_layers``. Returns ``(x (b, t, d) before the
-    head, hidden, routes)``."""
-    x, positions = model.embed_tokens(tokens_bt)
-    graphdef, state = nnx.split(model.layers)
-    n = group_size_of(model)
-    hidden, routes = {}, {}
-    for g in range(model.n_groups):
-        group = nnx.merge(graphdef, jax.tree.map(lambda a, g=g: a[g], state))
-        for j, block in enumerate(group.blocks):
-            layer = g * n + j
-            if layer in hidden_layers or layer in route_layers:
-                h = block.ffn_input(block.attend(x, positions))
-                if layer in hidden_layers:
-                    hidden[layer] = block.ffn.hidden(h)
-                else:
-                    routes[layer] = route(block.ffn, h)
-            x, _ = block(x, positions)
-    return x, hidden, routes
-
-
-def group_size_of(model: LM) -> int:
-    """Blocks per stacked group of a built model."""
-    return len(model.layers.blocks)
+    """The model's own forward pass with its FFNs captured (``LM.capture``): returns
+    ``(logits (b, t, v), hidden, routes)``, ``hidden[layer]`` the FFN hidden activations
+    ``(b, t, f)`` of each of ``hidden_layers`` and ``routes[layer]`` the router's flat
+    ``(expert_a, token_a)`` int32 assignments (tokens indexed over ``b * t``) of each of
+    ``route_layers``."""
+    n = len(model.layers.blocks)  # blocks per stacked group
+    model.capture(True)
+    try:
+        logits, aux = model(tokens_bt)
+    finally:
+        model.capture(False)
+    hidden = {i: aux[f"capture/{i % n}/hidden"][i // n] for i in hidden_layers}
+    routes = {i: (aux[f"capture/{i % n}/expert"][i // n], aux[f"capture/{i % n}/token"][i // n])
+              for i in route_layers}
+    return logits, hidden, routes
 
 
 def merge_top(vals_fc: np.ndarray, idx_fc: np.ndarray, new_vals: np.ndarray,
@@ -192,7 +172,8 @@ def scan_windows(model: LM, windows_wt: np.ndarray, hidden_layers: list[int],
         return top, routes
 
     run = Scanned(top={}, counts={})
-    num_e = model.layers.blocks[-1].ffn.settings.num_experts if route_layers else 0
+    last = model.layers.blocks[-1].ffn
+    num_e = last.settings.num_experts if route_layers and isinstance(last, MoEFFN) else 0
     for start in range(0, len(windows_wt), batch):
         chunk = windows_wt[start : start + batch]
         top, routes = jax.device_get(step(state, jnp.asarray(chunk)))
@@ -213,7 +194,7 @@ def scan_windows(model: LM, windows_wt: np.ndarray, hidden_layers: list[int],
 
 def block_param(model: LM, layer: int, name: str) -> np.ndarray:
     """FFN parameter ``name`` of block ``layer`` (unstacked from its group)."""
-    n = group_size_of(model)
+    n = len(model.layers.blocks)  # blocks per stacked group
     stacked = getattr(model.layers.blocks[layer % n].ffn, name)[...]
     return np.asarray(stacked[layer // n])
 

@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec as P
 from ffn_jax.ffn import FFN, get_variant, kernel_init
 from ffn_jax.moe.dispatch import NO_MESH, ShardAxes
 from ffn_jax.moe.experts import Weights
-from ffn_jax.moe.routers import moe_shard
-from ffn_jax.moe.settings import MoESettings
+from ffn_jax.moe.routers import ROUTERS, moe_shard
+from ffn_jax.moe.settings import MoESettings, capacity
 from ffn_jax.sharding import logical_to_spec, param
 
 _EXPERT_NDIM = {"w1": 3, "w3": 3, "w2": 3, "b1": 2, "b3": 2, "b2": 2}  # name -> ndim
@@ -154,6 +154,8 @@ class MoEFFN(nnx.Module):
             else None
         )
         self.rngs = rngs["dropout"].fork() if s.jitter > 0 else None
+        # True: aux also holds the router's assignments (see ``LM.capture``).
+        self.capture = False
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """``nnx.view`` hook: ``deterministic=True`` is evaluation mode."""
@@ -179,11 +181,19 @@ class MoEFFN(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         s = self.settings
         cf = s.eval_capacity_factor if self.deterministic else s.capacity_factor
+        logits = self.router_logits(x_btd)
         y, aux = run_routed(
-            x_btd.astype(self.dtype), self.router_logits(x_btd), self.expert_weights(),
+            x_btd.astype(self.dtype), logits, self.expert_weights(),
             s=s, act=self.variant.activation, capacity_factor=cf,
         )
         if self.shared is not None:
-            y = y + self.shared(x_btd)
+            shared = self.shared(x_btd)
+            assert not isinstance(shared, tuple)  # capture is set on blocks' FFNs only
+            y = y + shared
+        if self.capture:  # the flat token -> expert assignments of these logits
+            probs_te = jax.nn.softmax(logits.reshape(-1, s.num_experts), -1)
+            cap = capacity(cf, s.top_k, probs_te.shape[0], s.num_experts)
+            expert_a, token_a = ROUTERS[s.router].assign(probs_te, s, cap)
+            aux = {**aux, "capture/expert": expert_a, "capture/token": token_a}
         return y, aux
 
