@@ -114,9 +114,9 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_kwargs) -> jax.Array:
     """``x @ w`` for ``x: (..., k)``, ``w: (k, n)``, computed on the tokens flattened to 2-D.
 
     With 3-D activations the weight gradient contracts two axes (batch and length), and
-    XLA:CPU lowers it through a transposed copy to a matmul that runs at about half the
-    float32 peak; on ``(tokens, k)`` it is one plain matmul (``benchmarks/bench_train.py``:
-    the SwiGLU step ~8% faster on CPU). The reshapes are free (row-major bitcasts).
+    XLA:CPU lowers it through a transposed copy to a slower matmul; on ``(tokens, k)`` it
+    is one plain matmul (the gain is in ``docs/perf.md``). The reshapes are free
+    (row-major bitcasts).
     ``dot_kwargs`` go to ``jnp.dot`` (e.g. ``preferred_element_type``).
     """
     y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **dot_kwargs)
@@ -199,7 +199,7 @@ class FFN(nnx.Module):
     def hidden(self, x: jax.Array) -> jax.Array:
         """The hidden activations ``(..., d_ff)`` (the gated product for gated variants)."""
         x = x.astype(self.dtype)
-        if self.w3 is not None:  # one matmul for both halves: ~5% faster step on CPU
+        if self.w3 is not None:  # one matmul for both halves (faster on CPU: docs/perf.md)
             w13 = jnp.concatenate([self.w1[...], self.w3[...]], axis=1).astype(self.dtype)
             h, g = jnp.split(token_matmul(x, w13), 2, axis=-1)
         else:

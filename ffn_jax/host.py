@@ -3,20 +3,18 @@
 **XLA:CPU flags.** :data:`XLA_CPU_DEFAULTS` are added to ``XLA_FLAGS`` unless the user's
 ``XLA_FLAGS`` already names the flag. ``xla_cpu_experimental_ynn_fusion_type=-individual_dot,
 -dot`` takes matmuls away from YNNPACK (XLA:CPU's default for them) and gives them to
-Eigen, keeping YNNPACK's reductions and elementwise fusions. Eigen runs the MoE experts'
-batched matmuls faster: the MoE capacity step at the CPU benchmark shape is ~7% faster
-(median of eight runs 3.52 s against 3.79 s), the dense steps and the measured float32
-matmul peak are unchanged (README, "Performance"). XLA_FLAGS is read when the backend
-starts, so setting the environment before the first JAX call is enough.
+Eigen, keeping YNNPACK's reductions and elementwise fusions: Eigen runs the MoE experts'
+batched matmuls faster and leaves the dense steps as they were (measured in
+``docs/perf.md``). XLA_FLAGS is read when the backend starts, so setting the environment
+before the first JAX call is enough.
 
-**Huge-page malloc.** XLA:CPU allocates a step's temporaries afresh on every execution
-(~1.5 GB for the CPU benchmark shape). glibc serves blocks that large with new anonymous
-mappings, so with 4 KiB pages the kernel takes ~370k page faults per step: ~0.9 s of system
-time in a 3.5 s step on 2 cores. The glibc tunable ``glibc.malloc.hugetlb=1`` (glibc >=
-2.35) makes malloc advise those mappings for transparent huge pages, which cuts the faults
-~400x (about 1k per step) and the step time by ~10% (README, "Performance"). Tunables are
-read only when a process starts, so :func:`use_hugepage_malloc` re-executes the entry point
-once with it set.
+**Huge-page malloc.** XLA:CPU allocates a step's temporaries afresh on every execution.
+glibc serves blocks that large with new anonymous mappings, so with 4 KiB pages the kernel
+takes a page fault per page touched, on every step. The glibc tunable
+``glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes malloc advise those mappings for
+transparent huge pages, which removes almost all of those faults (the fault counts and step
+times are in ``docs/perf.md``). Tunables are read only when a process starts, so
+:func:`use_hugepage_malloc` re-executes the entry point once with it set.
 """
 
 from __future__ import annotations

@@ -79,6 +79,7 @@ class ModelSpec:
     remat: str = _field(resumable=True)
     attention: str = _field(resumable=True)
     # ---- derived ----
+    tokenizer_vocab: int = _field()  # ids the tokenizer uses (vocab_size is it, padded)
     head_dim: int = _field()
     attention_impl: str = _field()  # the backend model.attention resolves to here
     ffn_kinds: tuple[str, ...] = _field()  # per layer: "dense" or "moe"
@@ -443,7 +444,7 @@ def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec
     head_dim = m["d_model"] // m["n_heads"]
     return _build(
         ModelSpec, {**m, "vocab_size": padded_vocab(vocab, m["vocab_multiple_of"])},
-        d_ff=d_ff, head_dim=head_dim, ffn_kinds=kinds, moe=moe,
+        d_ff=d_ff, tokenizer_vocab=vocab, head_dim=head_dim, ffn_kinds=kinds, moe=moe,
         attention_impl=model_lib.attention_impl(m["attention"], model_lib.DTYPES[m["dtype"]],
                                                 head_dim),
     )

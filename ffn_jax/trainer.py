@@ -31,7 +31,7 @@ from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import lm_loss
 from ffn_jax.optim import make_schedule
 from ffn_jax.run import build_run_state, check_workdir, provenance, write_config
-from ffn_jax.spec import RunSpec, TrainSpec, padded_vocab
+from ffn_jax.spec import RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,10 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     t = spec.train
     check_workdir(spec, workdir, t.resume)
     prep = data_lib.prepare(spec.data, workdir)
-    padded = padded_vocab(prep.tokenizer.vocab_size, spec.source["model"]["vocab_multiple_of"])
-    if padded != spec.model.vocab_size:
+    if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
         raise ValueError(f"the tokenizer of data.tokenizer={spec.data.tokenizer!r} has "
-                         f"{prep.tokenizer.vocab_size} ids, not the expected vocabulary "
-                         f"({spec.model.vocab_size} padded); set data.vocab_size to match")
+                         f"{prep.tokenizer.vocab_size} ids, not the "
+                         f"{spec.model.tokenizer_vocab} expected; set data.vocab_size to match")
     write_config(spec, workdir)
 
     rs = build_run_state(spec)

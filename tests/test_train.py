@@ -74,6 +74,20 @@ def test_tiny_trains_below_unigram_entropy(trained):
     assert cfg["model"]["vocab_size"] == 384  # 257 byte tokens padded to a multiple of 128
 
 
+def test_provenance_is_recorded(trained):
+    """run.json and the start event say which code, libraries and devices made the run."""
+    import jax
+
+    workdir, _ = trained
+    prov = read_json(workdir, "run.json")
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", prov["git_commit"]), prov["git_commit"]
+    assert prov["jax"] == jax.__version__ and prov["device_count"] == jax.device_count()
+    assert prov["platform"] == "cpu" and prov["flax"] and prov["orbax"]
+    start = read_metrics(workdir)[0]
+    assert start["event"] == "start" and start["provenance"]["git_commit"] == prov["git_commit"]
+    assert read_json(workdir, "config.json")["group"] == {"variant": "swiglu-tiny", "seed": 0}
+
+
 def test_eval_in_fresh_process_matches_trainer(trained):
     workdir, result = trained
     proc = run_cli("eval.py", f"--workdir={workdir}")

@@ -88,7 +88,9 @@ def train_iterator(
             f"{shard.n_tokens}; lower data.seq_len or use more text"
         )
     source = _Windows(shard.path, shard.dtype, shard.n_tokens, seq_len + 1)
-    ds = grain.MapDataset.source(source).seed(seed)  # pyright: ignore[reportArgumentType].shuffle().repeat()
+    # _Windows is a random-access source (__len__, __getitem__) without grain's base class.
+    ds = grain.MapDataset.source(source)  # pyright: ignore[reportArgumentType]
+    ds = ds.seed(seed).shuffle().repeat()
     ds = ds.batch(rows, drop_remainder=True)[pi::pc]
     it_ds = ds.to_iter_dataset()
     if num_workers > 0:
