@@ -26,6 +26,7 @@ test-fast: $(BIN)/python
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(BIN)/python
 	$(BIN)/pyright

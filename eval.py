@@ -1,10 +1,10 @@
 """Evaluate a run (or every run of a sweep) in --workdir; optionally sample text.
 
-    python eval.py --workdir=runs/swiglu
-    python eval.py --workdir=runs/swiglu --sample="ROMEO:" --temperature=0.8
-    python eval.py --workdir=runs/compare          # a sweep: results.md, results.csv, plots
-    python eval.py --workdir=runs/swiglu --inspect --layers=0,1 --neurons=8 --contexts=5
-                                                   # inspect.md: key-value memories, experts
+python eval.py --workdir=runs/swiglu
+python eval.py --workdir=runs/swiglu --sample="ROMEO:" --temperature=0.8
+python eval.py --workdir=runs/compare          # a sweep: results.md, results.csv, plots
+python eval.py --workdir=runs/swiglu --inspect --layers=0,1 --neurons=8 --contexts=5
+                                               # inspect.md: key-value memories, experts
 """
 
 from ffn_jax.host import prepare_process
@@ -21,8 +21,12 @@ flags.DEFINE_string("sample", None, "Prompt to continue instead of evaluating.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate with --sample.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("inspect", False, "Write inspect.md (FFN key-value memories; expert "
-                  "specialisation for MoE runs) instead of evaluating.")
+flags.DEFINE_bool(
+    "inspect",
+    False,
+    "Write inspect.md (FFN key-value memories; expert "
+    "specialisation for MoE runs) instead of evaluating.",
+)
 flags.DEFINE_string("layers", "", "--inspect: comma-separated layer indices (default: all).")
 flags.DEFINE_integer("neurons", 8, "--inspect: neurons listed per dense layer.")
 flags.DEFINE_integer("contexts", 5, "--inspect: top-activating contexts per neuron.")
@@ -34,11 +38,24 @@ def main(argv):
     del argv
     f = flags.FLAGS
     if f.inspect:
-        run_inspect(f.workdir, step=f.step, layers=f.layers, neurons=f.neurons,
-                    contexts=f.contexts, windows=f.windows, experts=f.experts)
+        run_inspect(
+            f.workdir,
+            step=f.step,
+            layers=f.layers,
+            neurons=f.neurons,
+            contexts=f.contexts,
+            windows=f.windows,
+            experts=f.experts,
+        )
         return
-    run_eval(f.workdir, step=f.step, sample_prompt=f.sample, temperature=f.temperature,
-             max_new_tokens=f.max_new_tokens, seed=f.seed)
+    run_eval(
+        f.workdir,
+        step=f.step,
+        sample_prompt=f.sample,
+        temperature=f.temperature,
+        max_new_tokens=f.max_new_tokens,
+        seed=f.seed,
+    )
 
 
 if __name__ == "__main__":

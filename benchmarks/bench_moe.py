@@ -36,8 +36,12 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--capacity_factor", type=float, default=1.25)
     ap.add_argument("--layers", type=int, default=4, help="blocks in the LM-like stack")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)",
+    )
     return ap.parse_args()
 
 
@@ -125,10 +129,21 @@ def run_single(args) -> None:
             step, state = _step_fn(_make(args, kind, n_layers))
             t = _time_step(step, state, x, repeats=args.repeats)
             dense_ms = t["ms"] if kind == "dense" else dense_ms
-            _emit(bench=f"{bench}_fwd_bwd", impl=kind, layers=n_layers, variant=args.variant,
-                  tokens=args.batch * args.length, d_model=args.d_model, experts=args.experts,
-                  top_k=args.top_k, capacity_factor=args.capacity_factor, dtype=args.dtype,
-                  vs_dense=round(t["ms"] / dense_ms, 3), device=jax.devices()[0].platform, **t)
+            _emit(
+                bench=f"{bench}_fwd_bwd",
+                impl=kind,
+                layers=n_layers,
+                variant=args.variant,
+                tokens=args.batch * args.length,
+                d_model=args.d_model,
+                experts=args.experts,
+                top_k=args.top_k,
+                capacity_factor=args.capacity_factor,
+                dtype=args.dtype,
+                vs_dense=round(t["ms"] / dense_ms, 3),
+                device=jax.devices()[0].platform,
+                **t,
+            )
 
 
 def run_sharded(args) -> None:
@@ -155,8 +170,14 @@ def run_sharded(args) -> None:
                 placed = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
                 xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))
                 t = _time_step(step, placed, xs, repeats=args.repeats)
-            _emit(bench="sharded_fwd_bwd", impl=kind, mesh=f"data={data},expert={expert}",
-                  devices=len(jax.devices()), vs_one_device=round(t["ms"] / base["ms"], 3), **t)
+            _emit(
+                bench="sharded_fwd_bwd",
+                impl=kind,
+                mesh=f"data={data},expert={expert}",
+                devices=len(jax.devices()),
+                vs_one_device=round(t["ms"] / base["ms"], 3),
+                **t,
+            )
 
 
 def main() -> None:

@@ -57,10 +57,12 @@ from ffn_jax.spec import ConfigError, RunSpec, from_config  # noqa: E402
 from ffn_jax.trainer import make_train_step  # noqa: E402
 
 SHAPES = {
-    "cpu": dict(d_model=512, n_layers=8, n_heads=8, seq_len=256, vocab=8192, batch=8,
-                dtype="float32"),
-    "gpu": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab=50304, batch=32,
-                dtype="bfloat16"),
+    "cpu": dict(
+        d_model=512, n_layers=8, n_heads=8, seq_len=256, vocab=8192, batch=8, dtype="float32"
+    ),
+    "gpu": dict(
+        d_model=768, n_layers=12, n_heads=12, seq_len=1024, vocab=50304, batch=32, dtype="bfloat16"
+    ),
 }
 SMOKE = dict(d_model=64, n_layers=2, n_heads=4, seq_len=32, vocab=384, batch=4)
 # MoE rows: 8 experts, top-2, capacity factor 1.25, expert width = half the dense SwiGLU
@@ -86,8 +88,9 @@ def make_config(mode: str, variant: str, remat: str, smoke: bool, attention: str
     c.mesh.shape.data = 1
     if variant in MOE_PATHS:
         m.ffn = "swiglu"
-        m.moe.update(num_experts=4, granularity=2, top_k=1, capacity_factor=1.25,
-                     **MOE_PATHS[variant])
+        m.moe.update(
+            num_experts=4, granularity=2, top_k=1, capacity_factor=1.25, **MOE_PATHS[variant]
+        )
     else:
         m.ffn = variant
     return c
@@ -99,12 +102,18 @@ def measure(spec: RunSpec, steps: int) -> dict:
     rs = build_run_state(spec, mesh)
     b, t = spec.data.batch_size, spec.data.seq_len
     with jax.set_mesh(mesh), sharding.axis_rules(rs.rules):
-        jitted = jax.jit(make_train_step(rs.graphdef, spec.train),
-                         in_shardings=(rs.state_shardings, rs.batch_sharding),
-                         out_shardings=(rs.state_shardings, None), donate_argnums=0)
+        jitted = jax.jit(
+            make_train_step(rs.graphdef, spec.train),
+            in_shardings=(rs.state_shardings, rs.batch_sharding),
+            out_shardings=(rs.state_shardings, None),
+            donate_argnums=0,
+        )
         batch = jax.device_put(
-            jax.random.randint(jax.random.key(0), (b, t + 1), 0, spec.model.vocab_size,
-                               dtype=jnp.int32), rs.batch_sharding)
+            jax.random.randint(
+                jax.random.key(0), (b, t + 1), 0, spec.model.vocab_size, dtype=jnp.int32
+            ),
+            rs.batch_sharding,
+        )
         t0 = time.perf_counter()
         compiled = jitted.lower(rs.state, batch).compile()
         compile_s = time.perf_counter() - t0
@@ -122,14 +131,26 @@ def measure(spec: RunSpec, steps: int) -> dict:
     mem = compiled.memory_analysis()
     peak_mem = None
     if mem is not None:
-        peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        peak_mem = (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
     fpt = flops.flops_per_token(spec.model, t)["train"]
     tps = b * t / step_s
-    return {"step_s": step_s, "step_s_min": min(times), "step_s_max": max(times),
-            "steps_timed": steps, "tokens_per_s": tps,
-            "compile_s": compile_s, "memory_bytes": peak_mem, "flops_per_token": fpt,
-            "params": rs.n_params, "loss": float(metrics["loss"])}
+    return {
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "steps_timed": steps,
+        "tokens_per_s": tps,
+        "compile_s": compile_s,
+        "memory_bytes": peak_mem,
+        "flops_per_token": fpt,
+        "params": rs.n_params,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def default_variants(mode: str) -> list[str]:
@@ -142,22 +163,34 @@ def default_variants(mode: str) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=list(SHAPES), default=None,
-                    help="cpu or gpu shapes (default: from the default backend)")
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated dense variants and MoE paths (default: all that are "
-                         "fast on the mode)")
+    ap.add_argument(
+        "--mode",
+        choices=list(SHAPES),
+        default=None,
+        help="cpu or gpu shapes (default: from the default backend)",
+    )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated dense variants and MoE paths (default: all that are "
+        "fast on the mode)",
+    )
     ap.add_argument("--remat", default="none", help="comma-separated remat policies")
-    ap.add_argument("--attention", default="auto",
-                    help="comma-separated model.attention values (auto, xla, cudnn)")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated model.attention values (auto, xla, cudnn)",
+    )
     ap.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")
     args = ap.parse_args()
     mode = args.mode or ("cpu" if jax.default_backend() == "cpu" else "gpu")
     variants = args.variants.split(",") if args.variants else default_variants(mode)
-    for flag, values, known in (("variants", variants, [*VARIANTS, *MOE_PATHS]),
-                                ("remat", args.remat.split(","), list(REMAT_POLICIES)),
-                                ("attention", args.attention.split(","), list(ATTENTION_IMPLS))):
+    for flag, values, known in (
+        ("variants", variants, [*VARIANTS, *MOE_PATHS]),
+        ("remat", args.remat.split(","), list(REMAT_POLICIES)),
+        ("attention", args.attention.split(","), list(ATTENTION_IMPLS)),
+    ):
         if unknown := [v for v in values if v not in known]:
             ap.error(f"--{flag}: unknown {unknown}; use names from {known}")
     dev = jax.devices()[0]
@@ -170,11 +203,19 @@ def main() -> int:
         steps = {}
         for variant in variants:
             config = make_config(mode, variant, remat, args.smoke, attention)
-            about = {"measurement": "train_step", "mode": mode, "variant": variant,
-                     "remat": remat, "dtype": config.model.dtype,
-                     "d_model": config.model.d_model, "n_layers": config.model.n_layers,
-                     "seq_len": config.data.seq_len, "batch": config.data.batch_size,
-                     "vocab": config.data.vocab_size, "attention": attention}
+            about = {
+                "measurement": "train_step",
+                "mode": mode,
+                "variant": variant,
+                "remat": remat,
+                "dtype": config.model.dtype,
+                "d_model": config.model.d_model,
+                "n_layers": config.model.n_layers,
+                "seq_len": config.data.seq_len,
+                "batch": config.data.batch_size,
+                "vocab": config.data.vocab_size,
+                "attention": attention,
+            }
             try:  # the spec resolves the attention backend (and refuses cuDNN where it can't)
                 spec = from_config(config, num_devices=1)
             except ConfigError as e:
@@ -198,21 +239,39 @@ def main() -> int:
             row["mfu"] = useful / best_peak
             if datasheet and mode == "gpu":
                 row["mfu_datasheet"] = useful / datasheet
-            print(json.dumps({"measurement": "matmul_peak", "device": dev.device_kind,
-                              "dtype": jnp.dtype(peak_dtype).name, "flops_per_s": best_peak,
-                              "measured_at_start": first_peak, "measured_before_row": before,
-                              "measured_after_row": after,
-                              "datasheet_bf16_flops_per_s": datasheet}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "measurement": "matmul_peak",
+                        "device": dev.device_kind,
+                        "dtype": jnp.dtype(peak_dtype).name,
+                        "flops_per_s": best_peak,
+                        "measured_at_start": first_peak,
+                        "measured_before_row": before,
+                        "measured_after_row": after,
+                        "datasheet_bf16_flops_per_s": datasheet,
+                    }
+                ),
+                flush=True,
+            )
             print(json.dumps({**about, **row}), flush=True)
             steps[variant] = {**about, **row}
         for path in [v for v in steps if v in MOE_PATHS and DENSE_REFERENCE in steps]:
             moe, dense = steps[path], steps[DENSE_REFERENCE]
-            print(json.dumps({"measurement": "moe_vs_dense", "variant": path,
-                              "dense": DENSE_REFERENCE, "remat": remat,
-                              "attention": dense["attention"],
-                              "step_ratio": moe["step_s"] / dense["step_s"],
-                              "step_ratio_min": moe["step_s_min"] / dense["step_s_min"]}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "measurement": "moe_vs_dense",
+                        "variant": path,
+                        "dense": DENSE_REFERENCE,
+                        "remat": remat,
+                        "attention": dense["attention"],
+                        "step_ratio": moe["step_s"] / dense["step_s"],
+                        "step_ratio_min": moe["step_s_min"] / dense["step_s_min"],
+                    }
+                ),
+                flush=True,
+            )
     return 1 if failed else 0
 
 

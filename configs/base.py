@@ -24,23 +24,66 @@ from ml_collections import config_dict
 
 SIZES = {
     # d_model, n_layers, n_heads, n_kv_heads, seq_len, batch_size, steps, tokenizer, vocab
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=64, batch_size=16,
-                 steps=150, warmup=10, lr=3e-3, tokenizer="byte", vocab_size=256),
-    "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, seq_len=128, batch_size=32,
-                  steps=1000, warmup=50, lr=2e-3, tokenizer="bpe", vocab_size=2048),
-    "medium": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, seq_len=256,
-                   batch_size=32, steps=3000, warmup=200, lr=1e-3, tokenizer="bpe",
-                   vocab_size=8192),
-    "gpu": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, seq_len=1024,
-                batch_size=64, steps=10000, warmup=500, lr=6e-4, tokenizer="bpe",
-                vocab_size=32768),
+    "tiny": dict(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        seq_len=64,
+        batch_size=16,
+        steps=150,
+        warmup=10,
+        lr=3e-3,
+        tokenizer="byte",
+        vocab_size=256,
+    ),
+    "small": dict(
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        seq_len=128,
+        batch_size=32,
+        steps=1000,
+        warmup=50,
+        lr=2e-3,
+        tokenizer="bpe",
+        vocab_size=2048,
+    ),
+    "medium": dict(
+        d_model=384,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=6,
+        seq_len=256,
+        batch_size=32,
+        steps=3000,
+        warmup=200,
+        lr=1e-3,
+        tokenizer="bpe",
+        vocab_size=8192,
+    ),
+    "gpu": dict(
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        seq_len=1024,
+        batch_size=64,
+        steps=10000,
+        warmup=500,
+        lr=6e-4,
+        tokenizer="bpe",
+        vocab_size=32768,
+    ),
 }
 
 
 # Block presets: ``config.model`` fields they set (see the module docstring).
 PRESETS = {
-    "original": dict(norm_position="post", norm="layer", positions="learned", ffn_bias=True,
-                     dropout=0.1),
+    "original": dict(
+        norm_position="post", norm="layer", positions="learned", ffn_bias=True, dropout=0.1
+    ),
 }
 PRESET_DEFAULT_VARIANT = {"original": "relu"}
 
@@ -69,8 +112,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     if size not in SIZES:
         raise ValueError(f"config arg size={size!r} is not a size preset; use one of {list(SIZES)}")
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"config arg preset={preset!r} is not a block preset; use one of "
-                         f"{list(PRESETS)}")
+        raise ValueError(
+            f"config arg preset={preset!r} is not a block preset; use one of {list(PRESETS)}"
+        )
     if args:
         raise ValueError(f"config arg: unknown keys {sorted(args)}; known: variant, size, preset")
     s = SIZES[size]

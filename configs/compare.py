@@ -41,18 +41,70 @@ MOE_PRESETS = {
 
 PRESETS = {
     # size, variants, seeds, steps, overrides
-    "cpu": dict(size="small", variants=CPU_DENSE + list(MOE_PRESETS), seeds=3, steps=160,
-                d_model=128, n_layers=4, n_heads=4, seq_len=128, batch_size=16,
-                tokenizer="byte", lr=3e-3, warmup=16, eval_every=40, eval_batches=8),
-    "quick": dict(size="tiny", variants=["relu", "swiglu", "moe_top1"], seeds=2, steps=60,
-                  d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=16,
-                  tokenizer="byte", lr=3e-3, warmup=6, eval_every=20, eval_batches=4),
-    "gpu": dict(size="gpu", variants=DENSE + list(MOE_PRESETS), seeds=3, steps=5000,
-                d_model=768, n_layers=8, n_heads=12, seq_len=1024, batch_size=64,
-                tokenizer="bpe", lr=6e-4, warmup=250, eval_every=500, eval_batches=32),
-    "pod": dict(size="gpu", variants=DENSE + list(MOE_PRESETS), seeds=3, steps=20000,
-                d_model=1024, n_layers=24, n_heads=16, seq_len=1024, batch_size=256,
-                tokenizer="bpe", lr=3e-4, warmup=1000, eval_every=1000, eval_batches=64),
+    "cpu": dict(
+        size="small",
+        variants=CPU_DENSE + list(MOE_PRESETS),
+        seeds=3,
+        steps=160,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        seq_len=128,
+        batch_size=16,
+        tokenizer="byte",
+        lr=3e-3,
+        warmup=16,
+        eval_every=40,
+        eval_batches=8,
+    ),
+    "quick": dict(
+        size="tiny",
+        variants=["relu", "swiglu", "moe_top1"],
+        seeds=2,
+        steps=60,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        seq_len=64,
+        batch_size=16,
+        tokenizer="byte",
+        lr=3e-3,
+        warmup=6,
+        eval_every=20,
+        eval_batches=4,
+    ),
+    "gpu": dict(
+        size="gpu",
+        variants=DENSE + list(MOE_PRESETS),
+        seeds=3,
+        steps=5000,
+        d_model=768,
+        n_layers=8,
+        n_heads=12,
+        seq_len=1024,
+        batch_size=64,
+        tokenizer="bpe",
+        lr=6e-4,
+        warmup=250,
+        eval_every=500,
+        eval_batches=32,
+    ),
+    "pod": dict(
+        size="gpu",
+        variants=DENSE + list(MOE_PRESETS),
+        seeds=3,
+        steps=20000,
+        d_model=1024,
+        n_layers=24,
+        n_heads=16,
+        seq_len=1024,
+        batch_size=256,
+        tokenizer="bpe",
+        lr=3e-4,
+        warmup=1000,
+        eval_every=1000,
+        eval_batches=64,
+    ),
 }
 
 
@@ -60,14 +112,19 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     """The sweep config for preset ``arg`` (default ``cpu``)."""
     preset = arg or "cpu"
     if preset not in PRESETS:
-        raise ValueError(f"config arg {preset!r} is not a compare preset; use one of "
-                         f"{list(PRESETS)}")
+        raise ValueError(
+            f"config arg {preset!r} is not a compare preset; use one of {list(PRESETS)}"
+        )
     p = PRESETS[preset]
     c = base.get_config(f"swiglu,size={p['size']}")
     c.name = f"compare-{preset}"
     m, d, t = c.model, c.data, c.train
-    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = (p["d_model"], p["n_layers"], p["n_heads"],
-                                                      p["n_heads"])
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = (
+        p["d_model"],
+        p["n_layers"],
+        p["n_heads"],
+        p["n_heads"],
+    )
     d.seq_len, d.batch_size, d.tokenizer = p["seq_len"], p["batch_size"], p["tokenizer"]
     t.steps, t.lr, t.warmup_steps = p["steps"], p["lr"], p["warmup"]
     t.eval_every, t.eval_batches = p["eval_every"], p["eval_batches"]
@@ -82,6 +139,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s.axes = ""  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
     # Named variants beyond the registry: model / model.moe fields (MoE, the 2017 block).
     s.presets = config_dict.ConfigDict(
-        {**MOE_PRESETS, "original": dict(ffn="relu", max_seq_len=p["seq_len"],
-                                         **base.PRESETS["original"])})
+        {
+            **MOE_PRESETS,
+            "original": dict(ffn="relu", max_seq_len=p["seq_len"], **base.PRESETS["original"]),
+        }
+    )
     return c

@@ -56,7 +56,8 @@ def from_saveable(state: nnx.State, saved: dict) -> nnx.State:
     template = nnx.to_pure_dict(state)
     values = jax.tree.map(
         lambda t, s: jax.random.wrap_key_data(s, impl=jax.random.key_impl(t)) if _is_key(t) else s,
-        template, saved,
+        template,
+        saved,
     )
     nnx.replace_by_pure_dict(state, values)
     return state
@@ -68,8 +69,10 @@ class Checkpointer:
     def __init__(self, workdir: str, every: int, keep: int):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every), max_to_keep=max(1, keep),
-            enable_async_checkpointing=True, create=True,
+            save_interval_steps=max(1, every),
+            max_to_keep=max(1, keep),
+            enable_async_checkpointing=True,
+            create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -108,9 +111,13 @@ class Checkpointer:
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                log.warning("checkpoint step %d in %s could not be restored (%s: %s); "
-                            "trying an older one", s, self.directory, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
+                log.warning(
+                    "checkpoint step %d in %s could not be restored (%s: %s); trying an older one",
+                    s,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
                 errors.append(f"step {s}: {type(e).__name__}")
                 continue
             return from_saveable(state, out["state"]), dict(out["meta"]), s
@@ -126,4 +133,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-

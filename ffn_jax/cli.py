@@ -16,8 +16,9 @@ from ffn_jax.trainer import NonFiniteLossError
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     for noisy in ("absl", "orbax", "jax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -50,8 +51,15 @@ def run_train(config: ConfigDict, workdir: str) -> None:
         _fail(str(e), 1)
 
 
-def run_eval(workdir: str, *, step: int | None = None, sample_prompt: str | None = None,
-             temperature: float = 0.0, max_new_tokens: int = 200, seed: int = 0) -> None:
+def run_eval(
+    workdir: str,
+    *,
+    step: int | None = None,
+    sample_prompt: str | None = None,
+    temperature: float = 0.0,
+    max_new_tokens: int = 200,
+    seed: int = 0,
+) -> None:
     """Evaluate the run (or the sweep) in ``workdir``, or sample from it."""
     _setup_logging()
     from ffn_jax import sweep
@@ -61,8 +69,16 @@ def run_eval(workdir: str, *, step: int | None = None, sample_prompt: str | None
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"--workdir={workdir} does not exist")
         if sample_prompt is not None:
-            print(sample(workdir, sample_prompt, max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed, step=step))
+            print(
+                sample(
+                    workdir,
+                    sample_prompt,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                    step=step,
+                )
+            )
         elif sweep.is_sweep_dir(workdir):
             print(sweep.evaluate_sweep(workdir))
         else:
@@ -71,8 +87,16 @@ def run_eval(workdir: str, *, step: int | None = None, sample_prompt: str | None
         _fail(str(e), 2)
 
 
-def run_inspect(workdir: str, *, step: int | None = None, layers: str = "", neurons: int = 8,
-                contexts: int = 5, windows: int = 64, experts: bool | None = None) -> None:
+def run_inspect(
+    workdir: str,
+    *,
+    step: int | None = None,
+    layers: str = "",
+    neurons: int = 8,
+    contexts: int = 5,
+    windows: int = 64,
+    experts: bool | None = None,
+) -> None:
     """Write the key-value memory / expert specialisation report ``inspect.md`` of the run in
     ``workdir`` (see ``ffn_jax.inspect``) and print its path."""
     _setup_logging()
@@ -81,8 +105,15 @@ def run_inspect(workdir: str, *, step: int | None = None, layers: str = "", neur
     try:
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"--workdir={workdir} does not exist")
-        inspect_run(workdir, layers=layers, neurons=neurons, contexts=contexts,
-                    windows=windows, experts=experts, step=step)
+        inspect_run(
+            workdir,
+            layers=layers,
+            neurons=neurons,
+            contexts=contexts,
+            windows=windows,
+            experts=experts,
+            step=step,
+        )
         print(os.path.join(workdir, "inspect.md"))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e), 2)

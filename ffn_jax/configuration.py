@@ -25,8 +25,9 @@ def validate_config(config: ConfigDict, num_devices: int | None = None) -> list[
     return problems(config, num_devices)
 
 
-def resolve(config: ConfigDict, num_devices: int | None = None,
-            group: Mapping[str, Any] | None = None) -> RunSpec:
+def resolve(
+    config: ConfigDict, num_devices: int | None = None, group: Mapping[str, Any] | None = None
+) -> RunSpec:
     """The run spec of ``config`` on ``num_devices`` devices (default: all), in sweep group
     ``group`` (default: none, or the one its name implies); ConfigError."""
     return from_config(config, num_devices, group=group)
@@ -36,7 +37,8 @@ def load_config(workdir: str) -> ConfigDict:
     """The resolved config a run wrote to ``workdir/config.json``, as a ConfigDict."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir} holds no run (no config.json); train "
-                                "into it first with train.py")
+        raise FileNotFoundError(
+            f"--workdir={workdir} holds no run (no config.json); train into it first with train.py"
+        )
     with open(path) as f:
         return ConfigDict(json.load(f))

@@ -60,16 +60,22 @@ def config_problems(cfg: DistributedSpec) -> list[str]:
     if cfg.num_processes < 0:
         p.append(f"distributed.num_processes={cfg.num_processes} must be >= 0 (0 = detect)")
     if cfg.process_id < -1 or 0 < cfg.num_processes <= cfg.process_id:
-        p.append(f"distributed.process_id={cfg.process_id} must be -1 (detect) or in "
-                 f"[0, distributed.num_processes={cfg.num_processes})")
+        p.append(
+            f"distributed.process_id={cfg.process_id} must be -1 (detect) or in "
+            f"[0, distributed.num_processes={cfg.num_processes})"
+        )
     if cfg.coordinator_address and not re.fullmatch(r".+:\d+", cfg.coordinator_address):
-        p.append(f"distributed.coordinator_address={cfg.coordinator_address!r} must look "
-                 "like host:port, e.g. 10.0.0.1:1234 (or be empty to detect it)")
+        p.append(
+            f"distributed.coordinator_address={cfg.coordinator_address!r} must look "
+            "like host:port, e.g. 10.0.0.1:1234 (or be empty to detect it)"
+        )
     if not cfg.timeout_s > 0:
         p.append(f"distributed.timeout_s={cfg.timeout_s} must be positive, e.g. 300")
     if cfg.initialize == "never" and (cfg.coordinator_address or cfg.num_processes > 1):
-        p.append("distributed.initialize='never' contradicts distributed.coordinator_address/"
-                 "num_processes; use 'auto' or 'always'")
+        p.append(
+            "distributed.initialize='never' contradicts distributed.coordinator_address/"
+            "num_processes; use 'auto' or 'always'"
+        )
     return p
 
 
@@ -97,8 +103,9 @@ def cluster_hint(cfg: DistributedSpec, env: Mapping[str, str] | None = None) -> 
     return None
 
 
-def should_initialize(cfg: DistributedSpec, env: Mapping[str, str] | None = None
-                      ) -> tuple[bool, str]:
+def should_initialize(
+    cfg: DistributedSpec, env: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
     """Whether to call ``jax.distributed.initialize`` and why (for the log)."""
     if cfg.initialize == "never":
         return False, "distributed.initialize='never'"
@@ -112,11 +119,13 @@ def _timeout_message(cfg: DistributedSpec) -> str:
     address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(detected)"
     n = cfg.num_processes or "(detected)"
     pid = cfg.process_id if cfg.process_id >= 0 else "(detected)"
-    return (f"jax.distributed.initialize did not finish within distributed.timeout_s="
-            f"{cfg.timeout_s}: process {pid} of {n} could not reach the coordinator {address} "
-            "or not every process joined; check that the address (host:port of process 0) is "
-            "reachable from every host and the same on all, that num_processes is right and "
-            "that every process was started")
+    return (
+        f"jax.distributed.initialize did not finish within distributed.timeout_s="
+        f"{cfg.timeout_s}: process {pid} of {n} could not reach the coordinator {address} "
+        "or not every process joined; check that the address (host:port of process 0) is "
+        "reachable from every host and the same on all, that num_processes is right and "
+        "that every process was started"
+    )
 
 
 def _watchdog(cfg: DistributedSpec) -> threading.Timer:
@@ -164,8 +173,13 @@ def initialize(cfg: DistributedSpec) -> bool:
         ) from e
     finally:
         timer.cancel()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 

@@ -37,25 +37,39 @@ def make_eval_step(graphdef: nnx.GraphDef, state_shardings, batch_sharding: Name
         nll, _ = token_nll(logits, targets)
         return jnp.sum(nll * mask), jnp.sum(mask)
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, batch_sharding,
-                                       batch_sharding))
+    return jax.jit(
+        step, in_shardings=(state_shardings, batch_sharding, batch_sharding, batch_sharding)
+    )
 
 
-def evaluate_split(eval_step, state, shard, data: DataSpec, rs: RunState,
-                   token_bytes: np.ndarray, max_batches: int = 0) -> dict:
+def evaluate_split(
+    eval_step,
+    state,
+    shard,
+    data: DataSpec,
+    rs: RunState,
+    token_bytes: np.ndarray,
+    max_batches: int = 0,
+) -> dict:
     """Loss / perplexity / bits per byte over ``shard`` (the first ``max_batches`` batches,
     or all of it when 0). ``rs`` supplies the mesh and batch sharding."""
     total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
     sums = []
     batches = data_lib.eval_batches(
-        shard, seq_len=data.seq_len, batch_size=data.batch_size,
-        max_batches=max_batches, token_bytes=token_bytes,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        shard,
+        seq_len=data.seq_len,
+        batch_size=data.batch_size,
+        max_batches=max_batches,
+        token_bytes=token_bytes,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     spec = rs.batch_sharding.spec
     for b in batches:
-        arrays = [data_lib.to_global(np.asarray(b[k]), rs.mesh, spec)
-                  for k in ("inputs", "targets", "mask")]
+        arrays = [
+            data_lib.to_global(np.asarray(b[k]), rs.mesh, spec)
+            for k in ("inputs", "targets", "mask")
+        ]
         sums.append(eval_step(state, *arrays))
         total_bytes += int(b["bytes"])  # of the global batch, the same on every process
         if len(sums) % 8 == 0:
@@ -75,8 +89,9 @@ def evaluate_split(eval_step, state, shard, data: DataSpec, rs: RunState,
     }
 
 
-def evaluate_run(workdir: str, step: int | None = None,
-                 splits: tuple[str, ...] = ("validation", "test")) -> dict:
+def evaluate_run(
+    workdir: str, step: int | None = None, splits: tuple[str, ...] = ("validation", "test")
+) -> dict:
     """Score ``splits`` of the run in ``workdir`` and write ``workdir/eval.json``."""
     r = restore(workdir, step)
     with jax.set_mesh(r.rs.mesh):
@@ -84,12 +99,21 @@ def evaluate_run(workdir: str, step: int | None = None,
         return score_splits(workdir, eval_step, r.state, r.step, r.spec, r.prep, r.rs, splits)
 
 
-def score_splits(workdir: str, eval_step, state, step: int, spec: RunSpec, prep: Prepared,
-                 rs: RunState, splits: tuple[str, ...] = ("validation", "test")) -> dict:
+def score_splits(
+    workdir: str,
+    eval_step,
+    state,
+    step: int,
+    spec: RunSpec,
+    prep: Prepared,
+    rs: RunState,
+    splits: tuple[str, ...] = ("validation", "test"),
+) -> dict:
     """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``."""
     results = {
-        split: evaluate_split(eval_step, state, prep.splits[split], spec.data, rs,
-                              prep.tokenizer.token_bytes)
+        split: evaluate_split(
+            eval_step, state, prep.splits[split], spec.data, rs, prep.tokenizer.token_bytes
+        )
         for split in splits
     }
     out = {"step": step, "name": spec.name, **results}
@@ -98,8 +122,15 @@ def score_splits(workdir: str, eval_step, state, step: int, spec: RunSpec, prep:
     return out
 
 
-def sample(workdir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.0,
-           seed: int = 0, step: int | None = None) -> str:
+def sample(
+    workdir: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    seed: int = 0,
+    step: int | None = None,
+) -> str:
     """Continue ``prompt`` with the run's model: greedy when ``temperature == 0``.
 
     Each new token recomputes the forward pass over the last ``seq_len`` tokens (no KV

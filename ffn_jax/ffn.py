@@ -123,8 +123,9 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_kwargs) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def gated_activation(act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax.Array
-                     ) -> jax.Array:
+def gated_activation(
+    act: Callable[[jax.Array], jax.Array], h: jax.Array, g: jax.Array
+) -> jax.Array:
     """``act(h) * g``, keeping only ``h`` and ``g`` for the backward pass.
 
     Plain autodiff keeps ``act``'s intermediates as well (for SiLU: ``h``, ``sigmoid(h)``,
@@ -245,8 +246,14 @@ def build_ffn(
     if d_ff is None:
         d_ff = matched_d_ff(variant, d_model, multiplier, multiple_of)
     return FFN(
-        d_model, d_ff, variant, use_bias=use_bias, dropout=dropout, dtype=dtype,
-        out_scale=out_scale, rngs=rngs,
+        d_model,
+        d_ff,
+        variant,
+        use_bias=use_bias,
+        dropout=dropout,
+        dtype=dtype,
+        out_scale=out_scale,
+        rngs=rngs,
     )
 
 
@@ -258,8 +265,13 @@ def cost_table(d_model: int, multiplier: float = 4.0, multiple_of: int = 8) -> l
         d_ff = matched_d_ff(name, d_model, multiplier, multiple_of)
         c = ffn_cost(name, d_model, d_ff)
         rows.append(
-            {"variant": name, "gated": v.gated, "d_ff": d_ff, **c,
-             "params_vs_relu": c["params"] / base["params"]}
+            {
+                "variant": name,
+                "gated": v.gated,
+                "d_ff": d_ff,
+                **c,
+                "params_vs_relu": c["params"] / base["params"],
+            }
         )
     return rows
 
@@ -275,5 +287,7 @@ if __name__ == "__main__":
     print("| variant | gated | d_ff | params | FLOPs/token | params vs relu |")
     print("|---|---|---|---|---|---|")
     for r in cost_table(a.d_model, a.multiplier, a.multiple_of):
-        print(f"| {r['variant']} | {r['gated']} | {r['d_ff']} | {r['params']:,} | "
-              f"{r['flops_per_token']:,} | {r['params_vs_relu']:.4f} |")
+        print(
+            f"| {r['variant']} | {r['gated']} | {r['d_ff']} | {r['params']:,} | "
+            f"{r['flops_per_token']:,} | {r['params_vs_relu']:.4f} |"
+        )

@@ -61,8 +61,13 @@ def flops_per_token(m: ModelSpec, seq_len: int) -> dict[str, float]:
     }
 
 
-def measure_matmul_peak(dtype=jnp.float32, n: int | None = None, reps: int = 10,
-                        warmup_s: float = 0.5, batch: int | None = None) -> float:
+def measure_matmul_peak(
+    dtype=jnp.float32,
+    n: int | None = None,
+    reps: int = 10,
+    warmup_s: float = 0.5,
+    batch: int | None = None,
+) -> float:
     """Measured matmul throughput (FLOP/s) of the default device for ``dtype``.
 
     The best of at least ``reps`` timed trials, timed for at least ``warmup_s`` more, after

@@ -61,8 +61,9 @@ def hugepage_malloc_wanted(environ: dict[str, str] | None = None) -> bool:
     if OPT_OUT in env or HUGEPAGE_TUNABLE in env.get("GLIBC_TUNABLES", ""):
         return False
     version = _glibc_version()
-    return sys.platform == "linux" and version is not None and version >= (2, 35) \
-        and _thp_on_request()
+    return (
+        sys.platform == "linux" and version is not None and version >= (2, 35) and _thp_on_request()
+    )
 
 
 def prepare_process() -> None:

@@ -160,7 +160,9 @@ def log_memory(spec: RunSpec, state, mesh: jax.sharding.Mesh, rules, compiled):
     parts = ", ".join(f"{k} {_mib(v)}" for k, v in est.items() if k != "total")
     line = f"memory per device: estimate {_mib(est['total'])} ({parts})"
     if xla is not None:
-        line += (f"; compiled {_mib(xla['total'])} (state in {_mib(xla['arguments'])}, "
-                 f"temp {_mib(xla['temp'])}), estimate/compiled {est['total'] / xla['total']:.2f}")
+        line += (
+            f"; compiled {_mib(xla['total'])} (state in {_mib(xla['arguments'])}, "
+            f"temp {_mib(xla['temp'])}), estimate/compiled {est['total'] / xla['total']:.2f}"
+        )
     log.info(line)
     return est, xla

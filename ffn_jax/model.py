@@ -65,9 +65,11 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
         return name
     device = jax.devices()[0]
     fused = (
-        device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+        device.platform == "gpu"
+        and device.device_kind.startswith("NVIDIA")
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and head_dim % 8 == 0 and head_dim <= 128
+        and head_dim % 8 == 0
+        and head_dim <= 128
     )
     return "cudnn" if fused else "xla"
 
@@ -83,7 +85,8 @@ class Norm(nnx.Module):
         self.scale = nnx.Param(param(nnx.initializers.ones_init(), ("embed",))(key, (dim,)))
         self.bias = (
             nnx.Param(param(nnx.initializers.zeros_init(), ("embed",))(key, (dim,)))
-            if kind == "layer" else None
+            if kind == "layer"
+            else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,13 +160,24 @@ class Block(nnx.Module):
 
             assert spec.moe is not None
             self.ffn = MoEFFN(
-                spec.d_model, spec.moe, variant=spec.ffn, use_bias=spec.ffn_bias, dtype=dtype,
-                out_scale=out_scale, rngs=rngs,
+                spec.d_model,
+                spec.moe,
+                variant=spec.ffn,
+                use_bias=spec.ffn_bias,
+                dtype=dtype,
+                out_scale=out_scale,
+                rngs=rngs,
             )
         else:
             self.ffn = ffn_lib.FFN(
-                spec.d_model, spec.d_ff, spec.ffn, use_bias=spec.ffn_bias, dropout=spec.dropout,
-                dtype=dtype, out_scale=out_scale, rngs=rngs,
+                spec.d_model,
+                spec.d_ff,
+                spec.ffn,
+                use_bias=spec.ffn_bias,
+                dropout=spec.dropout,
+                dtype=dtype,
+                out_scale=out_scale,
+                rngs=rngs,
             )
         self.drop = nnx.Dropout(spec.dropout, rngs=rngs) if spec.dropout > 0 else None
         self.post_norm = spec.norm_position == "post"
@@ -225,7 +239,8 @@ class LM(nnx.Module):
         emb_init = nnx.initializers.normal(1.0 / math.sqrt(d))
         self.embed = nnx.Param(param(emb_init, ("vocab", "embed"))(rngs.params(), (v, d)))
         self.unembed = (
-            None if spec.tie_embeddings
+            None
+            if spec.tie_embeddings
             else nnx.Param(param(ffn_lib.kernel_init(d), ("embed", "vocab"))(rngs.params(), (d, v)))
         )
 
@@ -241,7 +256,8 @@ class LM(nnx.Module):
         pos_init = param(nnx.initializers.normal(1.0 / math.sqrt(2)), (None, "embed"))
         self.pos_embed = (
             nnx.Param(pos_init(rngs.params(), (spec.max_seq_len, d)))
-            if spec.positions == "learned" else None
+            if spec.positions == "learned"
+            else None
         )
         self.remat_policy = spec.remat
         self.scan_layers = spec.scan_layers
@@ -255,7 +271,9 @@ class LM(nnx.Module):
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         if self.scan_layers:
             scan = nnx.scan(
-                body, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
+                body,
+                in_axes=(0, nnx.Carry),
+                out_axes=(nnx.Carry, 0),
                 transform_metadata={nnx.PARTITION_NAME: "layers"},
             )
             return scan(self.layers, x)
@@ -277,9 +295,11 @@ class LM(nnx.Module):
         x = jnp.take(self.embed[...], tokens_bt, axis=0) * math.sqrt(self.d_model)
         if self.pos_embed is not None:
             if t > self.pos_embed.shape[0]:
-                raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len="
-                                 f"{self.pos_embed.shape[0]} (learned positions); raise "
-                                 "model.max_seq_len or shorten data.seq_len")
+                raise ValueError(
+                    f"sequence of {t} tokens is longer than model.max_seq_len="
+                    f"{self.pos_embed.shape[0]} (learned positions); raise "
+                    "model.max_seq_len or shorten data.seq_len"
+                )
             x = x + self.pos_embed[:t]
         return constrain(x.astype(self.dtype), ("batch", "length", "act_embed")), positions
 
@@ -291,8 +311,9 @@ class LM(nnx.Module):
         """Final norm (pre-norm only) and output projection: float32 logits ``(b, t, v)``."""
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
-        logits = ffn_lib.token_matmul(x_btd, self.output_embedding().astype(self.dtype),
-                                      preferred_element_type=jnp.float32)
+        logits = ffn_lib.token_matmul(
+            x_btd, self.output_embedding().astype(self.dtype), preferred_element_type=jnp.float32
+        )
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_bt: jax.Array) -> tuple[jax.Array, dict]:
@@ -320,8 +341,9 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, 
     return nll_bt, logz_bt
 
 
-def lm_loss(model: LM, tokens_bt: jax.Array, logits_z_loss: float = 0.0
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lm_loss(
+    model: LM, tokens_bt: jax.Array, logits_z_loss: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training loss on ``tokens (b, t+1)``: mean next-token NLL, plus
     ``logits_z_loss * mean(logz^2)`` when positive, plus the MoE auxiliary losses weighted by
     the model's MoE settings. Returns ``(loss, metrics)``; MoE metrics are per layer."""

@@ -47,7 +47,8 @@ class Schedule:
 
 
 SCHEDULES: dict[str, Schedule] = {
-    s.name: s for s in (
+    s.name: s
+    for s in (
         Schedule("cosine", _cosine, ("min_lr_ratio",), "cosine decay to min_lr_ratio * lr"),
         Schedule("linear", _linear, ("min_lr_ratio",), "linear decay to min_lr_ratio * lr"),
         Schedule("constant", _constant, (), "lr after the warmup"),
@@ -88,7 +89,11 @@ def decay_mask(t: TrainSpec, params):
 def make_optimizer(t: TrainSpec) -> optax.GradientTransformation:
     """Clip (if ``t.grad_clip > 0``) then AdamW with the schedule and the decay mask."""
     adamw = optax.adamw(
-        make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+        make_schedule(t),
+        b1=t.b1,
+        b2=t.b2,
+        eps=t.eps,
+        weight_decay=t.weight_decay,
         mask=lambda params: decay_mask(t, params),
     )
     if t.grad_clip > 0:

@@ -36,8 +36,18 @@ log = logging.getLogger(__name__)
 
 BASELINE = "relu"
 # Two-sided 95% critical values of Student's t by degrees of freedom (df > 10: 1.96).
-T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
-             8: 2.306, 9: 2.262, 10: 2.228}
+T_CRIT_95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
 SPLITS = ("validation", "test")
 METRICS = ("loss", "perplexity", "bits_per_byte")
 
@@ -113,15 +123,27 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("label", "first", "variant",
-           lambda r: r["label"] + ("" if r["causal"] else " (non-causal!)")),
+    Column(
+        "label",
+        "first",
+        "variant",
+        lambda r: r["label"] + ("" if r["causal"] else " (non-causal!)"),
+    ),
     Column("seeds", "first"),
     Column("causal", "first"),
-    Column("params_total", "first", "params (total / active)",
-           lambda r: f"{r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M"),
+    Column(
+        "params_total",
+        "first",
+        "params (total / active)",
+        lambda r: f"{r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M",
+    ),
     Column("params_active", "first"),
-    Column("flops_per_token", "first", "train MFLOPs/tok",
-           lambda r: f"{r['flops_per_token'] / 1e6:.2f}"),
+    Column(
+        "flops_per_token",
+        "first",
+        "train MFLOPs/tok",
+        lambda r: f"{r['flops_per_token'] / 1e6:.2f}",
+    ),
     Column("tokens", "first"),
     *(Column(f"{split}_{k}", "seeds") for split in SPLITS for k in METRICS),
     Column("d_test_loss", "paired", "Δ test loss vs relu", _delta),
@@ -131,9 +153,12 @@ COLUMNS: tuple[Column, ...] = (
     Column("train_time_s", "mean", "time (s)", lambda r: f"{r['train_time_s']:.0f}"),
 )
 # Markdown cells of the per-seed metrics, placed after the FLOPs column.
-METRIC_CELLS = (("val loss", _pm("validation_loss", 4)), ("test loss", _pm("test_loss", 4)),
-                ("test ppl", _pm("test_perplexity", 3)),
-                ("test bits/byte", _pm("test_bits_per_byte", 4)))
+METRIC_CELLS = (
+    ("val loss", _pm("validation_loss", 4)),
+    ("test loss", _pm("test_loss", 4)),
+    ("test ppl", _pm("test_perplexity", 3)),
+    ("test bits/byte", _pm("test_bits_per_byte", 4)),
+)
 
 
 # ---- records ------------------------------------------------------------------------------
@@ -168,9 +193,11 @@ def load_specs(run_dirs: list[str]) -> list[RunSpec]:
 
 
 def _label(group: dict) -> str:
-    axes = [f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float)
-            else f"{k.rsplit('.', 1)[-1]}={v}"
-            for k, v in group.items() if k not in ("variant", "seed")]
+    axes = [
+        f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+        for k, v in group.items()
+        if k not in ("variant", "seed")
+    ]
     return " ".join([str(group["variant"]), *axes])
 
 
@@ -185,12 +212,16 @@ def collect(run_dirs: list[str]) -> list[dict]:
         rows = read_metrics(d)
         m = spec.model
         rec = {
-            "run": spec.name, "group": dict(spec.group), "label": _label(dict(spec.group)),
-            "variant": spec.group["variant"], "seed": spec.group.get("seed", spec.seed),
+            "run": spec.name,
+            "group": dict(spec.group),
+            "label": _label(dict(spec.group)),
+            "variant": spec.group["variant"],
+            "seed": spec.group.get("seed", spec.seed),
             "causal": m.moe is None or ROUTERS[m.moe.router].causal,
             "tokens": spec.train.steps * spec.tokens_per_step,
             "flops_per_token": flops_per_token(m, spec.data.seq_len)["train"],
-            **param_counts(m), **_throughput(rows),
+            **param_counts(m),
+            **_throughput(rows),
             "curve": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r],
         }
         for split in SPLITS:
@@ -313,8 +344,13 @@ def _plots(sweep_dir: str, records: list[dict], rows: list[dict]) -> None:
     ordered = sorted(rows, key=lambda r: r["test_bits_per_byte_mean"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(ordered))
-    ax.bar(x, [r["test_bits_per_byte_mean"] for r in ordered],
-           yerr=[r["test_bits_per_byte_std"] for r in ordered], capsize=4, color="tab:blue")
+    ax.bar(
+        x,
+        [r["test_bits_per_byte_mean"] for r in ordered],
+        yerr=[r["test_bits_per_byte_std"] for r in ordered],
+        capsize=4,
+        color="tab:blue",
+    )
     lo = min(r["test_bits_per_byte_mean"] - 3 * r["test_bits_per_byte_std"] for r in ordered)
     hi = max(r["test_bits_per_byte_mean"] + 3 * r["test_bits_per_byte_std"] for r in ordered)
     ax.set_ylim(lo - 0.01, hi + 0.01)
@@ -334,15 +370,20 @@ def provenance_line(run_dirs: list[str]) -> str:
         path = os.path.join(d, PROVENANCE_FILE)
         if os.path.exists(path):
             p = read_json(path)
-            seen.append(f"commit {p.get('git_commit') or 'unknown'}, jax {p.get('jax')}, "
-                        f"flax {p.get('flax')}, optax {p.get('optax')}, orbax {p.get('orbax')}"
-                        f", {p.get('device_count')} x {p.get('device_kind')}")
+            seen.append(
+                f"commit {p.get('git_commit') or 'unknown'}, jax {p.get('jax')}, "
+                f"flax {p.get('flax')}, optax {p.get('optax')}, orbax {p.get('orbax')}"
+                f", {p.get('device_count')} x {p.get('device_kind')}"
+            )
     if not seen:
         return "Provenance: not recorded (runs written before run.json existed)."
     distinct = list(dict.fromkeys(seen))
-    return "Provenance: " + "; ".join(distinct) + (
-        "" if len(seen) == len(run_dirs) else f" ({len(run_dirs) - len(seen)} runs unrecorded)"
-    ) + "."
+    return (
+        "Provenance: "
+        + "; ".join(distinct)
+        + ("" if len(seen) == len(run_dirs) else f" ({len(run_dirs) - len(seen)} runs unrecorded)")
+        + "."
+    )
 
 
 def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
@@ -351,11 +392,13 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     rows = aggregate(records)
     table = markdown_table(rows)
     tokens = sorted({r["tokens"] for r in rows})
-    header = (f"# FFN variant comparison\n\n{len(records)} runs, {len(rows)} variants, "
-              f"{tokens[0]:,} training tokens per run. Mean ± std over seeds; "
-              "Δ = paired (same seed) difference of test loss from relu ± its standard "
-              "error; sig. = paired t-test at 95%.\n\n"
-              f"{provenance_line(run_dirs)}\n\n")
+    header = (
+        f"# FFN variant comparison\n\n{len(records)} runs, {len(rows)} variants, "
+        f"{tokens[0]:,} training tokens per run. Mean ± std over seeds; "
+        "Δ = paired (same seed) difference of test loss from relu ± its standard "
+        "error; sig. = paired t-test at 95%.\n\n"
+        f"{provenance_line(run_dirs)}\n\n"
+    )
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write(header + table + "\n")
     fields = csv_fields(rows)

@@ -61,8 +61,9 @@ def load_spec(workdir: str, mesh_shape: dict[str, int] | None = None) -> RunSpec
     current devices or on a mesh of ``mesh_shape``."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir} holds no run (no config.json); train "
-                                "into it first with train.py")
+        raise FileNotFoundError(
+            f"--workdir={workdir} holds no run (no config.json); train into it first with train.py"
+        )
     return from_config(read_json(path), mesh_shape=mesh_shape)
 
 
@@ -88,10 +89,20 @@ def check_workdir(spec: RunSpec, workdir: str, resume: bool) -> None:
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -105,11 +116,16 @@ def provenance() -> dict[str, Any]:
 
     dev = jax.devices()[0]
     return {
-        "git_commit": _git_commit(), "python": platform.python_version(),
-        "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
         "orbax": orbax.checkpoint.__version__,
-        "platform": dev.platform, "device_kind": dev.device_kind,
-        "device_count": jax.device_count(), "process_count": jax.process_count(),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -184,8 +200,9 @@ class Restored:
     step: int
 
 
-def restore(workdir: str, step: int | None = None,
-            mesh: jax.sharding.Mesh | None = None) -> Restored:
+def restore(
+    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> Restored:
     """Rebuild the run in ``workdir`` and restore its checkpoint (latest or ``step``) onto
     ``mesh`` (default: the run's configured mesh on the current devices)."""
     from ffn_jax.checkpoint import Checkpointer
@@ -193,8 +210,10 @@ def restore(workdir: str, step: int | None = None,
     spec = load_spec(workdir, dict(mesh.shape) if mesh is not None else None)
     ckpt = Checkpointer(workdir, spec.train.checkpoint_every, spec.train.keep_checkpoints)
     if not ckpt.steps():
-        raise FileNotFoundError(f"--workdir={workdir} has no checkpoints; train it first "
-                                "(python train.py --workdir=... with its config)")
+        raise FileNotFoundError(
+            f"--workdir={workdir} has no checkpoints; train it first "
+            "(python train.py --workdir=... with its config)"
+        )
     prep = data_lib.prepare(spec.data, workdir)
     rs = build_run_state(spec, mesh)
     restored = ckpt.restore(rs.state, None, step)

@@ -89,9 +89,7 @@ def check_rules(rules: Rules) -> None:
 def parse_rules(rules: Iterable) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """``config.mesh.rules`` (pairs, lists or tuples) as a checked tuple of (logical, mesh
     axes) pairs; ValueError naming ``mesh.rules`` otherwise."""
-    rules = tuple(
-        (str(name), tuple(t) if isinstance(t, list | tuple) else t) for name, t in rules
-    )
+    rules = tuple((str(name), tuple(t) if isinstance(t, list | tuple) else t) for name, t in rules)
     check_rules(rules)
     return rules
 
@@ -121,8 +119,7 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None
-              ) -> jax.sharding.Mesh:
+def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
     """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes of ``shape`` (axis -> size,
     one may be -1; ``MeshSpec.shape`` is already resolved) over ``devices`` (default all)."""
     devices = list(devices if devices is not None else jax.devices())

@@ -39,7 +39,9 @@ from ffn_jax.moe.settings import DROPLESS_IMPLS, MoESettings
 
 # Fields added after runs were already written: a config without them means these.
 LEGACY_DEFAULTS: dict[str, Any] = {
-    "model.norm_position": "pre", "model.positions": "rope", "model.max_seq_len": 0,
+    "model.norm_position": "pre",
+    "model.positions": "rope",
+    "model.max_seq_len": 0,
 }
 
 
@@ -189,7 +191,10 @@ class RunSpec:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelSpec, "data": DataSpec, "train": TrainSpec, "mesh": MeshSpec,
+    "model": ModelSpec,
+    "data": DataSpec,
+    "train": TrainSpec,
+    "mesh": MeshSpec,
     "distributed": DistributedSpec,
 }
 
@@ -197,8 +202,12 @@ SECTIONS: dict[str, type] = {
 def config_field_names(kind: str) -> list[str]:
     """Dotted config names of the fields whose metadata ``kind`` (``"resumable"`` or
     ``"shared"``) is set, e.g. ``"train.steps"``."""
-    return [f"{section}.{f.name}" for section, cls in SECTIONS.items()
-            for f in dataclasses.fields(cls) if f.metadata.get(kind)]
+    return [
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get(kind)
+    ]
 
 
 # ---- the legacy upgrade -----------------------------------------------------------------
@@ -220,8 +229,11 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
     if "group" not in out and "name" in out:
         # Runs written before sweeps stored their group: "<variant>-s<seed>" names.
         m = re.fullmatch(r"(.+)-s(\d+)", str(out["name"]))
-        out["group"] = ({"variant": m[1], "seed": int(m[2])} if m
-                        else {"variant": out["name"], "seed": out.get("seed", 0)})
+        out["group"] = (
+            {"variant": m[1], "seed": int(m[2])}
+            if m
+            else {"variant": out["name"], "seed": out.get("seed", 0)}
+        )
     return out
 
 
@@ -242,7 +254,8 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = _flatten(upgrade(old)), _flatten(upgrade(new))
     free = (*config_field_names("resumable"), "group")
     return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
         if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in free)
     ]
 
@@ -251,26 +264,38 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def _choice(field: str, value: Any, options) -> list[str]:
-    return [] if value in options else [
-        f"{field}={value!r} is not supported; use one of {list(options)}"]
+    return (
+        []
+        if value in options
+        else [f"{field}={value!r} is not supported; use one of {list(options)}"]
+    )
 
 
 def _model_problems(m: Mapping[str, Any]) -> list[str]:
     p = []
     if m["ffn"] not in ffn_lib.VARIANTS:
-        p.append(f"model.ffn={m['ffn']!r} is unknown; valid variants: "
-                 f"{', '.join(ffn_lib.VARIANTS)}")
+        p.append(
+            f"model.ffn={m['ffn']!r} is unknown; valid variants: {', '.join(ffn_lib.VARIANTS)}"
+        )
     p += _choice("model.dtype", m["dtype"], model_lib.DTYPES)
     p += _choice("model.norm", m["norm"], model_lib.NORMS)
     p += _choice("model.norm_position", m["norm_position"], model_lib.NORM_POSITIONS)
     p += _choice("model.positions", m["positions"], model_lib.POSITIONS)
     if m["positions"] == "learned" and m["max_seq_len"] <= 0:
-        p.append(f"model.max_seq_len={m['max_seq_len']} must be positive with learned "
-                 "positions; set it to at least data.seq_len")
+        p.append(
+            f"model.max_seq_len={m['max_seq_len']} must be positive with learned "
+            "positions; set it to at least data.seq_len"
+        )
     p += _choice("model.remat", m["remat"], model_lib.REMAT_POLICIES)
     p += _choice("model.attention", m["attention"], model_lib.ATTENTION_IMPLS)
-    for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_multiple_of",
-                  "ffn_multiple_of"):
+    for field in (
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "vocab_multiple_of",
+        "ffn_multiple_of",
+    ):
         if m[field] <= 0:
             p.append(f"model.{field}={m[field]} must be positive")
     if m["vocab_size"] is not None and m["vocab_size"] <= 0:
@@ -279,14 +304,20 @@ def _model_problems(m: Mapping[str, Any]) -> list[str]:
         p.append(f"model.d_ff={m['d_ff']} must be positive (or None for the matched width)")
     n, d = m["n_heads"], m["d_model"]
     if n > 0 and d % n:
-        p.append(f"model.d_model={d} is not divisible by model.n_heads={n}; pick a head count "
-                 "that divides it")
+        p.append(
+            f"model.d_model={d} is not divisible by model.n_heads={n}; pick a head count "
+            "that divides it"
+        )
     elif m["positions"] == "rope" and n > 0 and (d // n) % 2:
-        p.append(f"model.d_model/n_heads={d // n} must be even for rotary embeddings; change "
-                 "model.n_heads")
+        p.append(
+            f"model.d_model/n_heads={d // n} must be even for rotary embeddings; change "
+            "model.n_heads"
+        )
     if m["n_kv_heads"] > 0 and n % m["n_kv_heads"]:
-        p.append(f"model.n_heads={n} is not divisible by model.n_kv_heads={m['n_kv_heads']}; "
-                 "use a divisor for grouped-query attention")
+        p.append(
+            f"model.n_heads={n} is not divisible by model.n_kv_heads={m['n_kv_heads']}; "
+            "use a divisor for grouped-query attention"
+        )
     if not 0.0 <= m["dropout"] < 1.0:
         p.append(f"model.dropout={m['dropout']} must be in [0, 1)")
     if not p and m["attention"] == "cudnn":
@@ -294,9 +325,11 @@ def _model_problems(m: Mapping[str, Any]) -> list[str]:
         if model_lib.attention_impl("auto", model_lib.DTYPES[m["dtype"]], h) != "cudnn":
             import jax
 
-            p.append(f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype=bfloat16 and a "
-                     f"head dim that is a multiple of 8 up to 128 (here "
-                     f"{jax.devices()[0].device_kind}, {m['dtype']}, {h}); use 'auto'")
+            p.append(
+                f"model.attention='cudnn' needs an NVIDIA GPU, model.dtype=bfloat16 and a "
+                f"head dim that is a multiple of 8 up to 128 (here "
+                f"{jax.devices()[0].device_kind}, {m['dtype']}, {h}); use 'auto'"
+            )
     return p
 
 
@@ -310,19 +343,25 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
     p += _choice("model.moe.dropless_impl", moe["dropless_impl"], DROPLESS_IMPLS)
     router = ROUTERS.get(moe["router"])
     if router is not None and moe["dispatch"] not in router.dispatches:
-        p.append(f"model.moe.dispatch={moe['dispatch']!r} does not apply to "
-                 f"router={moe['router']!r}; use one of {list(router.dispatches)}")
+        p.append(
+            f"model.moe.dispatch={moe['dispatch']!r} does not apply to "
+            f"router={moe['router']!r}; use one of {list(router.dispatches)}"
+        )
     g = moe["granularity"]
     if g < 1:
         return p + [f"model.moe.granularity={g} must be >= 1"]
     if not 1 <= moe["top_k"] <= e:
-        p.append(f"model.moe.top_k={moe['top_k']} must be in [1, num_experts={e}]; lower top_k "
-                 "or add experts")
+        p.append(
+            f"model.moe.top_k={moe['top_k']} must be in [1, num_experts={e}]; lower top_k "
+            "or add experts"
+        )
     if router is not None and router.uses_capacity(moe["dispatch"]):
         for field in ("capacity_factor", "eval_capacity_factor"):
             if not moe[field] > 0:
-                p.append(f"model.moe.{field}={moe[field]} must be > 0 on the capacity path; use "
-                         "e.g. 1.25 (train) / 2.0 (eval), or dispatch='dropless'")
+                p.append(
+                    f"model.moe.{field}={moe[field]} must be > 0 on the capacity path; use "
+                    "e.g. 1.25 (train) / 2.0 (eval), or dispatch='dropless'"
+                )
     for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef"):
         if moe[field] < 0:
             p.append(f"model.moe.{field}={moe[field]} must be >= 0")
@@ -330,8 +369,10 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
         p.append(f"model.moe.jitter={moe['jitter']} must be < 1 (e.g. 0.01)")
     every = moe["every"]
     if every < 1 or every > n_layers or n_layers % every:
-        p.append(f"model.moe.every={every} must divide model.n_layers={n_layers} so that every "
-                 "group of layers ends in one MoE layer")
+        p.append(
+            f"model.moe.every={every} must divide model.n_layers={n_layers} so that every "
+            "group of layers ends in one MoE layer"
+        )
     if d_ff is not None and d_ff // g < 1:
         p.append(f"model.moe.granularity={g} leaves expert width 0; lower granularity")
     return p
@@ -344,19 +385,24 @@ def _train_problems(t: Mapping[str, Any], batch_size: int) -> list[str]:
     if not t["lr"] > 0:
         p.append(f"train.lr={t['lr']} must be positive, e.g. 1e-3")
     if t["warmup_steps"] < 0 or (t["steps"] > 0 and t["warmup_steps"] >= t["steps"]):
-        p.append(f"train.warmup_steps={t['warmup_steps']} must be in [0, train.steps="
-                 f"{t['steps']}); shorten the warmup or train longer")
+        p.append(
+            f"train.warmup_steps={t['warmup_steps']} must be in [0, train.steps="
+            f"{t['steps']}); shorten the warmup or train longer"
+        )
     if t["schedule"] not in optim.SCHEDULES:
-        p.append(f"train.schedule={t['schedule']!r} is unknown; use one of "
-                 f"{tuple(optim.SCHEDULES)}")
+        p.append(
+            f"train.schedule={t['schedule']!r} is unknown; use one of {tuple(optim.SCHEDULES)}"
+        )
     if not 0.0 <= t["min_lr_ratio"] <= 1.0:
         p.append(f"train.min_lr_ratio={t['min_lr_ratio']} must be in [0, 1]")
     for field in ("weight_decay", "grad_clip", "logits_z_loss"):
         if t[field] < 0:
             p.append(f"train.{field}={t[field]} must be >= 0")
     if t["grad_accum"] < 1 or batch_size % max(1, t["grad_accum"]):
-        p.append(f"train.grad_accum={t['grad_accum']} must be >= 1 and divide data.batch_size="
-                 f"{batch_size}")
+        p.append(
+            f"train.grad_accum={t['grad_accum']} must be >= 1 and divide data.batch_size="
+            f"{batch_size}"
+        )
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if t[field] < 1:
             p.append(f"train.{field}={t[field]} must be >= 1")
@@ -366,24 +412,31 @@ def _train_problems(t: Mapping[str, Any], batch_size: int) -> list[str]:
     steps = t["profile_steps"]
     m = re.fullmatch(r"(\d+):(\d+)", steps) if steps else None
     if steps and not (m and int(m[1]) < int(m[2])):
-        p.append(f"train.profile_steps={steps!r} must be 'start:stop' with start < stop, "
-                 "e.g. 10:15")
+        p.append(
+            f"train.profile_steps={steps!r} must be 'start:stop' with start < stop, e.g. 10:15"
+        )
     return p
 
 
 def _sharded_dim_problems(m: ModelSpec, mesh: MeshSpec) -> list[str]:
     """Model dimensions that the mesh axes they are sharded over do not divide."""
-    dims = [("embed", m.d_model, "model.d_model"), ("heads", m.n_heads, "model.n_heads"),
-            ("kv_heads", m.n_kv_heads, "model.n_kv_heads"), ("mlp", m.d_ff, "model.d_ff"),
-            ("vocab", m.vocab_size, "model.vocab_size")]
+    dims = [
+        ("embed", m.d_model, "model.d_model"),
+        ("heads", m.n_heads, "model.n_heads"),
+        ("kv_heads", m.n_kv_heads, "model.n_kv_heads"),
+        ("mlp", m.d_ff, "model.d_ff"),
+        ("vocab", m.vocab_size, "model.vocab_size"),
+    ]
     if m.moe is not None:
         dims.append(("expert", m.moe.num_experts, "model.moe.num_experts*granularity"))
     p = []
     for logical, dim, field in dims:
         n = mesh.ways(logical)
         if dim > 0 and dim % n:
-            p.append(f"{field}={dim} is not divisible by the {n}-way sharding of logical axis "
-                     f"{logical!r}; change {field} or mesh.shape")
+            p.append(
+                f"{field}={dim} is not divisible by the {n}-way sharding of logical axis "
+                f"{logical!r}; change {field} or mesh.shape"
+            )
     return p
 
 
@@ -393,11 +446,14 @@ def _batch_problems(batch_size: int, grad_accum: int, mesh: MeshSpec) -> list[st
     p = []
     dp = mesh.ways("batch") * max(1, grad_accum)
     if batch_size % dp:
-        p.append(f"data.batch_size={batch_size} is not divisible by the data-parallel size "
-                 f"{mesh.ways('batch')} x train.grad_accum={grad_accum}; use a multiple of {dp}")
+        p.append(
+            f"data.batch_size={batch_size} is not divisible by the data-parallel size "
+            f"{mesh.ways('batch')} x train.grad_accum={grad_accum}; use a multiple of {dp}"
+        )
     if batch_size % jax.process_count():
-        p.append(f"data.batch_size={batch_size} is not divisible by the "
-                 f"{jax.process_count()} processes")
+        p.append(
+            f"data.batch_size={batch_size} is not divisible by the {jax.process_count()} processes"
+        )
     return p
 
 
@@ -430,8 +486,10 @@ def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec
     p += _moe_problems(m["moe"], m["n_layers"], d_ff) if m["n_layers"] > 0 else []
     vocab = vocab_size if vocab_size is not None else m["vocab_size"]
     if vocab is None and not p:
-        p.append("model.vocab_size is unset and the tokenizer's vocabulary is unknown; set "
-                 "data.tokenizer to 'byte', 'bpe' or an existing tokenizer.json")
+        p.append(
+            "model.vocab_size is unset and the tokenizer's vocabulary is unknown; set "
+            "data.tokenizer to 'byte', 'bpe' or an existing tokenizer.json"
+        )
     if p:
         raise ConfigError(list(dict.fromkeys(p)))
     assert d_ff is not None and vocab is not None
@@ -439,14 +497,21 @@ def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec
     if m["moe"]["num_experts"] > 0:
         moe = MoESettings.from_block(m["moe"], d_ff)
     every = moe.every if moe is not None else 0
-    kinds = tuple("moe" if every and (i + 1) % every == 0 else "dense"
-                  for i in range(m["n_layers"]))
+    kinds = tuple(
+        "moe" if every and (i + 1) % every == 0 else "dense" for i in range(m["n_layers"])
+    )
     head_dim = m["d_model"] // m["n_heads"]
     return _build(
-        ModelSpec, {**m, "vocab_size": padded_vocab(vocab, m["vocab_multiple_of"])},
-        d_ff=d_ff, tokenizer_vocab=vocab, head_dim=head_dim, ffn_kinds=kinds, moe=moe,
-        attention_impl=model_lib.attention_impl(m["attention"], model_lib.DTYPES[m["dtype"]],
-                                                head_dim),
+        ModelSpec,
+        {**m, "vocab_size": padded_vocab(vocab, m["vocab_multiple_of"])},
+        d_ff=d_ff,
+        tokenizer_vocab=vocab,
+        head_dim=head_dim,
+        ffn_kinds=kinds,
+        moe=moe,
+        attention_impl=model_lib.attention_impl(
+            m["attention"], model_lib.DTYPES[m["dtype"]], head_dim
+        ),
     )
 
 
@@ -477,9 +542,12 @@ def problems(config: Any, num_devices: int | None = None) -> list[str]:
     return []
 
 
-def from_config(config: Any, num_devices: int | None = None,
-                mesh_shape: Mapping[str, int] | None = None,
-                group: Mapping[str, Any] | None = None) -> RunSpec:
+def from_config(
+    config: Any,
+    num_devices: int | None = None,
+    mesh_shape: Mapping[str, int] | None = None,
+    group: Mapping[str, Any] | None = None,
+) -> RunSpec:
     """Resolve ``config`` (a ConfigDict or a ``config.json`` dict) into a :class:`RunSpec` on
     ``num_devices`` devices (default: all of jax's). ``mesh_shape`` replaces
     ``mesh.shape`` (restoring a run onto another mesh); ``group`` sets the run's sweep group
@@ -497,8 +565,10 @@ def from_config(config: Any, num_devices: int | None = None,
     d, t, m = raw["data"], raw["train"], raw["model"]
     p = list(data_lib.validate(_build(DataSpec, d)))
     if m["positions"] == "learned" and d["seq_len"] > m["max_seq_len"] > 0:
-        p.append(f"data.seq_len={d['seq_len']} is longer than model.max_seq_len="
-                 f"{m['max_seq_len']} (learned positions); raise model.max_seq_len")
+        p.append(
+            f"data.seq_len={d['seq_len']} is longer than model.max_seq_len="
+            f"{m['max_seq_len']} (learned positions); raise model.max_seq_len"
+        )
     p += _train_problems(t, d["batch_size"])
     model = mesh = None
     try:
@@ -517,5 +587,13 @@ def from_config(config: Any, num_devices: int | None = None,
         raise ConfigError(list(dict.fromkeys(p)))
     assert model is not None and mesh is not None
     raw["model"]["vocab_size"] = model.vocab_size
-    return RunSpec(name=raw["name"], seed=int(raw["seed"]), group=raw["group"], model=model,
-                   data=_build(DataSpec, d), train=_build(TrainSpec, t), mesh=mesh, source=raw)
+    return RunSpec(
+        name=raw["name"],
+        seed=int(raw["seed"]),
+        group=raw["group"],
+        model=model,
+        data=_build(DataSpec, d),
+        train=_build(TrainSpec, t),
+        mesh=mesh,
+        source=raw,
+    )

@@ -69,9 +69,7 @@ def variant_names(config: ConfigDict) -> list[str]:
     valid = list(VARIANTS) + list(sweep.presets.keys())
     bad = [n for n in names if n not in valid]
     if bad:
-        raise ConfigError(
-            f"sweep.variants: unknown variant {bad[0]!r}; valid: {', '.join(valid)}"
-        )
+        raise ConfigError(f"sweep.variants: unknown variant {bad[0]!r}; valid: {', '.join(valid)}")
     if not names:
         raise ConfigError("sweep.variants is empty; list at least one variant")
     if len(set(names)) != len(names):
@@ -94,8 +92,9 @@ def parse_axes(text: str) -> list[tuple[str, list[Any]]]:
         field, sep, values = entry.partition("=")
         vals = [_literal(v.strip()) for v in values.split(",") if v.strip()]
         if not sep or not field.strip() or not vals:
-            raise ConfigError(f"sweep.axes: {entry!r} is not 'field=v1,v2'; e.g. "
-                              "sweep.axes='train.lr=1e-3,3e-3'")
+            raise ConfigError(
+                f"sweep.axes: {entry!r} is not 'field=v1,v2'; e.g. sweep.axes='train.lr=1e-3,3e-3'"
+            )
         axes.append((field.strip(), vals))
     return axes
 
@@ -112,8 +111,10 @@ def _preset_overrides(config: ConfigDict, name: str) -> dict[str, Any]:
         elif k in model:
             out[f"model.{k}"] = v
         else:
-            raise ConfigError(f"sweep.presets.{name}.{k}: not a model or model.moe field; "
-                              "fix the preset in the sweep config")
+            raise ConfigError(
+                f"sweep.presets.{name}.{k}: not a model or model.moe field; "
+                "fix the preset in the sweep config"
+            )
     return out
 
 
@@ -142,8 +143,7 @@ def runs(config: ConfigDict) -> list[Run]:
                 label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
                 run_name = f"{name}{label}-s{seed}"
                 group = {"variant": name, **picked, "seed": seed}
-                out.append(Run(run_name, group, {**base, **picked, "seed": seed,
-                                                 "name": run_name}))
+                out.append(Run(run_name, group, {**base, **picked, "seed": seed, "name": run_name}))
     return out
 
 
@@ -179,8 +179,7 @@ def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, SWEEP_FILE)
     if not os.path.exists(path):
         return
-    diff = [d for d in config_diff(read_json(path), config.to_dict())
-            if not d.startswith("sweep.")]
+    diff = [d for d in config_diff(read_json(path), config.to_dict()) if not d.startswith("sweep.")]
     if diff:
         raise ConfigError(
             f"--workdir={workdir} holds a sweep with incompatible settings ({'; '.join(diff[:3])}"
@@ -220,7 +219,8 @@ def run_dirs(workdir: str) -> list[str]:
     if not os.path.isdir(workdir):
         return []
     return sorted(
-        os.path.join(workdir, d) for d in os.listdir(workdir)
+        os.path.join(workdir, d)
+        for d in os.listdir(workdir)
         if os.path.exists(os.path.join(workdir, d, CONFIG_FILE))
     )
 
@@ -232,6 +232,8 @@ def evaluate_sweep(workdir: str) -> str:
 
     dirs = run_dirs(workdir)
     if not dirs:
-        raise FileNotFoundError(f"--workdir={workdir} holds no runs; train the sweep first "
-                                "with train.py --config=configs/compare.py --workdir=...")
+        raise FileNotFoundError(
+            f"--workdir={workdir} holds no runs; train the sweep first "
+            "with train.py --config=configs/compare.py --workdir=..."
+        )
     return write_report(workdir, dirs)

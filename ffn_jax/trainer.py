@@ -110,8 +110,7 @@ class _Profiler:
             jax.block_until_ready(last_output)
             jax.profiler.stop_trace()
             self.active = False
-            log.info("profile of steps %d..%d written to %s", self.start + 1, step,
-                     self.directory)
+            log.info("profile of steps %d..%d written to %s", self.start + 1, step, self.directory)
 
 
 class _Preemption:
@@ -144,9 +143,11 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     check_workdir(spec, workdir, t.resume)
     prep = data_lib.prepare(spec.data, workdir)
     if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
-        raise ValueError(f"the tokenizer of data.tokenizer={spec.data.tokenizer!r} has "
-                         f"{prep.tokenizer.vocab_size} ids, not the "
-                         f"{spec.model.tokenizer_vocab} expected; set data.vocab_size to match")
+        raise ValueError(
+            f"the tokenizer of data.tokenizer={spec.data.tokenizer!r} has "
+            f"{prep.tokenizer.vocab_size} ids, not the "
+            f"{spec.model.tokenizer_vocab} expected; set data.vocab_size to match"
+        )
     write_config(spec, workdir)
 
     rs = build_run_state(spec)
@@ -154,8 +155,12 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
     pcount, pindex = jax.process_count(), jax.process_index()
     train_iter = data_lib.train_iterator(
-        prep.splits["train"], seq_len=spec.data.seq_len, global_batch=spec.data.batch_size,
-        seed=spec.seed, process_index=pindex, process_count=pcount,
+        prep.splits["train"],
+        seq_len=spec.data.seq_len,
+        global_batch=spec.data.batch_size,
+        seed=spec.seed,
+        process_index=pindex,
+        process_count=pcount,
         num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
@@ -169,7 +174,8 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
         jitted = jax.jit(
             make_train_step(rs.graphdef, t),
             in_shardings=(rs.state_shardings, rs.batch_sharding),
-            out_shardings=(rs.state_shardings, None), donate_argnums=0,
+            out_shardings=(rs.state_shardings, None),
+            donate_argnums=0,
         )
         batch_shape = (spec.data.batch_size, spec.data.seq_len + 1)
         abstract_batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rs.batch_sharding)
@@ -184,10 +190,15 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     peak, peak_source = peak_flops(spec.model.dtype)
     peak_total = peak * jax.device_count()
     summary = {
-        "n_params": rs.n_params, "flops_per_token": fpt, "compile_s": compile_s,
-        "peak_flops_per_device": peak, "peak_source": peak_source,
-        "devices": jax.device_count(), "mesh": dict(rs.mesh.shape),
-        "memory_estimate": mem_estimate, "memory_compiled": mem_compiled,
+        "n_params": rs.n_params,
+        "flops_per_token": fpt,
+        "compile_s": compile_s,
+        "peak_flops_per_device": peak,
+        "peak_source": peak_source,
+        "devices": jax.device_count(),
+        "mesh": dict(rs.mesh.shape),
+        "memory_estimate": mem_estimate,
+        "memory_compiled": mem_compiled,
     }
     log.info("run %s: %s", spec.name, json.dumps(summary))
     if step == 0:
@@ -231,8 +242,11 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
                     row = _summarise(host)
                     tps = tokens_per_step * len(window) / dt
                     row.update(
-                        tokens=tokens_seen, lr=float(np.asarray(schedule(step - 1))),
-                        step_time_s=dt / len(window), tokens_per_s=tps, mfu=fpt * tps / peak_total,
+                        tokens=tokens_seen,
+                        lr=float(np.asarray(schedule(step - 1))),
+                        step_time_s=dt / len(window),
+                        tokens_per_s=tps,
+                        mfu=fpt * tps / peak_total,
                         # The host fetches batch n+1 while steps n-1 and n run (async dispatch,
                         # MAX_IN_FLIGHT); this stays far below step_time_s unless input-bound.
                         data_time_s=data_s / len(window),
@@ -246,25 +260,38 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
                         last_eval = scores["validation"]
                     else:
                         last_eval = evaluate_split(
-                            eval_step, state, prep.splits["validation"], spec.data, rs,
-                            prep.tokenizer.token_bytes, max_batches=t.eval_batches,
+                            eval_step,
+                            state,
+                            prep.splits["validation"],
+                            spec.data,
+                            rs,
+                            prep.tokenizer.token_bytes,
+                            max_batches=t.eval_batches,
                         )
-                    writer.write(step, {"tokens": tokens_seen,
-                                        **{f"val_{k}": v for k, v in last_eval.items()}})
+                    writer.write(
+                        step,
+                        {"tokens": tokens_seen, **{f"val_{k}": v for k, v in last_eval.items()}},
+                    )
                     t_window = time.perf_counter()
                 if due_ckpt:
-                    meta = {"step": step, "tokens_seen": tokens_seen, "name": spec.name,
-                            "train_time_s": time_before + time.perf_counter() - t_start}
+                    meta = {
+                        "step": step,
+                        "tokens_seen": tokens_seen,
+                        "name": spec.name,
+                        "train_time_s": time_before + time.perf_counter() - t_start,
+                    }
                     ckpt.save(step, state, meta, train_iter, force=last or preempted)
                 if preempted:
-                    log.warning("signal %d: saved a checkpoint at step %d, exiting", pre.signal,
-                                step)
+                    log.warning(
+                        "signal %d: saved a checkpoint at step %d, exiting", pre.signal, step
+                    )
                     writer.write(step, {"event": "preempted", "signal": pre.signal})
                     break
             if step == t.steps:
                 train_time = time_before + time.perf_counter() - t_start
-                writer.write(step, {"event": "end", "train_time_s": train_time,
-                                    "tokens": tokens_seen})
+                writer.write(
+                    step, {"event": "end", "train_time_s": train_time, "tokens": tokens_seen}
+                )
     finally:
         bar.close()
         ckpt.close()

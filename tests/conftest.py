@@ -1,5 +1,6 @@
 """Every test sees 8 simulated CPU devices and the XLA:CPU flags of the entry points (set
 before jax is imported)."""
+
 import os
 
 from ffn_jax.host import with_xla_cpu_defaults

@@ -47,10 +47,13 @@ def test_cpu_preset_is_parameter_matched():
     assert all(abs(n / base_count - 1) < 0.02 for n in counts.values()), counts
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("swiglu,size=huge", r"size='huge' is not a size preset"),
-    ("swiglu,colour=red", r"unknown keys \['colour'\]"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("swiglu,size=huge", r"size='huge' is not a size preset"),
+        ("swiglu,colour=red", r"unknown keys \['colour'\]"),
+    ],
+)
 def test_bad_config_args(arg, message):
     with pytest.raises(ValueError, match=message):
         base.get_config(arg)
@@ -67,7 +70,11 @@ def test_original_block_is_a_compare_row():
     runs = dict(run_configs(c))
     orig = runs["original-s0"].model
     assert (orig.norm_position, orig.positions, orig.norm, orig.ffn) == (
-        "post", "learned", "layer", "relu")
+        "post",
+        "learned",
+        "layer",
+        "relu",
+    )
     assert orig.ffn_bias and orig.dropout == 0.1
     assert runs["relu-s0"].model.norm_position == "pre"
     _builds(runs["original-s0"])

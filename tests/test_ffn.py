@@ -38,8 +38,12 @@ def _randomize(module, seed=1):
     state = nnx.state(module, nnx.Param)
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(module, jax.tree.unflatten(
-        tree, [jax.random.normal(k, x.shape) * 0.5 for k, x in zip(keys, leaves, strict=True)]))
+    nnx.update(
+        module,
+        jax.tree.unflatten(
+            tree, [jax.random.normal(k, x.shape) * 0.5 for k, x in zip(keys, leaves, strict=True)]
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -97,9 +101,11 @@ def test_gradients_equal_the_reference_formula(name):
     graphdef = nnx.graphdef(m)
     got = jax.grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x))), (0, 1))(params, x)
     want = jax.grad(reference, (0, 1))(params.to_pure_dict(), x)
+
     def close(a, b, name):  # float32 round-off relative to the largest entry
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()),
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name
+        )
 
     for k, g in got[0].to_pure_dict().items():
         close(g, want[0][k], k)

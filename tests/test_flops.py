@@ -26,8 +26,9 @@ def test_dense_flops_by_hand():
 
 def test_moe_layers_count_active_flops_only():
     dense = flops_per_token(model(n_layers=4), 64)
-    moe = flops_per_token(model(n_layers=4, **{"moe.num_experts": 8, "moe.top_k": 1,
-                                                 "moe.every": 2}), 64)
+    moe = flops_per_token(
+        model(n_layers=4, **{"moe.num_experts": 8, "moe.top_k": 1, "moe.every": 2}), 64
+    )
     expert = 2 * 3 * 64 * 168 + 2 * 168
     router = 2 * 64 * 8
     # Two MoE layers of top-1 over full-width experts: the dense FFN's FLOPs plus the router.

@@ -35,8 +35,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def _probe(**env_extra) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
     env.update(env_extra, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                         text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     return out[0], int(out[1])
 
 
@@ -46,8 +47,9 @@ def test_wanted_respects_existing_tunable_and_opt_out():
     assert not host.hugepage_malloc_wanted({host.OPT_OUT: "1"})
 
 
-@pytest.mark.skipif(not host.hugepage_malloc_wanted({}),
-                    reason="needs Linux, glibc >= 2.35 and THP in madvise mode")
+@pytest.mark.skipif(
+    not host.hugepage_malloc_wanted({}), reason="needs Linux, glibc >= 2.35 and THP in madvise mode"
+)
 def test_reexec_sets_tunable_and_cuts_page_faults():
     tunables, faults = _probe(GLIBC_TUNABLES="glibc.malloc.check=0")
     assert tunables == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"  # kept, then appended
@@ -82,8 +84,9 @@ def test_xla_cpu_defaults_added_once_and_user_value_kept():
 
 def _uses_ynn(mode: str, xla_flags: str) -> bool:
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": xla_flags, host.OPT_OUT: "1"}
-    out = subprocess.run([sys.executable, "-c", YNN_PROBE, mode], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", YNN_PROBE, mode], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     return out[-1] == "True"
 
 

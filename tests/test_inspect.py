@@ -41,15 +41,19 @@ def _train(workdir, arg, **overrides):
 def dense_run(tmp_path_factory):
     """The 2017 block (post-norm, learned positions, ReLU), briefly trained. Dropout is off:
     the inspection is deterministic either way and does not need it."""
-    return _train(str(tmp_path_factory.mktemp("original")), "original,size=tiny",
-                  **{"model.dropout": 0.0})
+    return _train(
+        str(tmp_path_factory.mktemp("original")), "original,size=tiny", **{"model.dropout": 0.0}
+    )
 
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
     """Layer 1 of 2 is an MoE layer: 4 SwiGLU experts, top-2 (layer 0 stays dense)."""
-    return _train(str(tmp_path_factory.mktemp("moe")), "swiglu,size=tiny",
-                  **{"model.moe.num_experts": 4, "model.moe.every": 2, "model.moe.top_k": 2})
+    return _train(
+        str(tmp_path_factory.mktemp("moe")),
+        "swiglu,size=tiny",
+        **{"model.moe.num_experts": 4, "model.moe.every": 2, "model.moe.top_k": 2},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,7 @@ def _restored(workdir):
 
 def _full_trace(model, windows, hidden=(), routed=()):
     """Every window in one pass: the brute-force reference of the streamed scan."""
-    return jax.device_get(trace(model, jnp.asarray(windows), frozenset(hidden),
-                                frozenset(routed)))
+    return jax.device_get(trace(model, jnp.asarray(windows), frozenset(hidden), frozenset(routed)))
 
 
 @pytest.mark.parametrize("run", ["dense_run", "moe_run"])
@@ -100,14 +103,13 @@ def test_top_contexts_are_the_brute_force_argmax(dense_run, dense_found):
         assert [n.index for n in neurons] == list(expected_neurons)
         for n in neurons:
             top = np.argsort(-h_nf[:, n.index], kind="stable")[:3]
-            assert [(c.window, c.position) for c in n.contexts] == [divmod(int(i), 64)
-                                                                     for i in top]
-            np.testing.assert_allclose([c.activation for c in n.contexts], h_nf[top, n.index],
-                                       rtol=1e-5)
+            assert [(c.window, c.position) for c in n.contexts] == [divmod(int(i), 64) for i in top]
+            np.testing.assert_allclose(
+                [c.activation for c in n.contexts], h_nf[top, n.index], rtol=1e-5
+            )
             for c in n.contexts:
                 assert c.token == tok.decode(windows[c.window, c.position : c.position + 1])
-                assert c.left == tok.decode(windows[c.window, max(0, c.position - 3) :
-                                                    c.position])
+                assert c.left == tok.decode(windows[c.window, max(0, c.position - 3) : c.position])
 
 
 def test_promoted_tokens_are_the_matrix_product(dense_run, dense_found):
@@ -120,8 +122,9 @@ def test_promoted_tokens_are_the_matrix_product(dense_run, dense_found):
         for n in neurons:
             ids = [i for i, _ in n.promoted]
             assert ids == list(np.argsort(-scores_fv[n.index], kind="stable")[:8])
-            np.testing.assert_allclose([v for _, v in n.promoted], scores_fv[n.index, ids],
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                [v for _, v in n.promoted], scores_fv[n.index, ids], rtol=1e-5
+            )
 
 
 def test_report_marks_triggers_and_escapes_newlines(dense_run, dense_found):
@@ -138,7 +141,8 @@ def test_report_marks_triggers_and_escapes_newlines(dense_run, dense_found):
     assert any("\n" in c.left + c.right for c in contexts)  # Shakespeare has newlines...
     assert "\\n" in text  # ...written escaped, one context per line
     assert "Expert specialisation" not in text and not os.path.exists(
-        os.path.join(dense_run, HEATMAP))
+        os.path.join(dense_run, HEATMAP)
+    )
 
 
 def test_expert_counts_sum_to_the_routed_tokens(moe_run):
@@ -150,8 +154,9 @@ def test_expert_counts_sum_to_the_routed_tokens(moe_run):
     assert e.counts.shape == (4, 257)  # 4 experts x the byte tokenizer's ids (no padding)
     assert e.counts.sum() == e.routed == windows.size * k
     # Every occurrence of a token goes to k distinct experts.
-    np.testing.assert_array_equal(e.counts.sum(0), k * np.bincount(windows.reshape(-1),
-                                                                   minlength=257))
+    np.testing.assert_array_equal(
+        e.counts.sum(0), k * np.bincount(windows.reshape(-1), minlength=257)
+    )
     _, _, routes = _full_trace(model, windows, routed=(1,))
     expert_a, token_a = routes[1]
     brute = np.zeros((4, 257), np.int64)
@@ -163,16 +168,28 @@ def test_expert_counts_sum_to_the_routed_tokens(moe_run):
     assert os.path.getsize(os.path.join(moe_run, HEATMAP)) > 1000
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(layers="0,5"), ValueError,
-     r"--layers='0,5': layer 5 is out of range; the run has model.n_layers=2, so use "
-     r"indices 0..1"),
-    (dict(layers="first"), ValueError, r"--layers='first' is not a comma-separated list"),
-    (dict(neurons=300), ValueError,
-     r"--neurons=300 must be in \[0, d_ff=256\] .*; use at most --neurons=256"),
-    (dict(experts=True), ValueError,
-     r"--experts: this run is dense \(model.moe.num_experts=0\); .* drop --experts"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(layers="0,5"),
+            ValueError,
+            r"--layers='0,5': layer 5 is out of range; the run has model.n_layers=2, so use "
+            r"indices 0..1",
+        ),
+        (dict(layers="first"), ValueError, r"--layers='first' is not a comma-separated list"),
+        (
+            dict(neurons=300),
+            ValueError,
+            r"--neurons=300 must be in \[0, d_ff=256\] .*; use at most --neurons=256",
+        ),
+        (
+            dict(experts=True),
+            ValueError,
+            r"--experts: this run is dense \(model.moe.num_experts=0\); .* drop --experts",
+        ),
+    ],
+)
 def test_bad_requests_fail_with_one_line(dense_run, kwargs, error, message):
     with pytest.raises(error, match=message) as e:
         inspect_run(dense_run, **kwargs)
@@ -189,13 +206,20 @@ def test_run_without_checkpoints_fails(dense_run, tmp_path):
 
 
 def _eval_cli(*flags):
-    return subprocess.run([sys.executable, "eval.py", *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "eval.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_eval_py_inspect(dense_run):
-    r = _eval_cli(f"--workdir={dense_run}", "--inspect", "--layers=1", "--neurons=2",
-                  "--contexts=2", "--windows=2")
+    r = _eval_cli(
+        f"--workdir={dense_run}",
+        "--inspect",
+        "--layers=1",
+        "--neurons=2",
+        "--contexts=2",
+        "--windows=2",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith(REPORT)
     with open(os.path.join(dense_run, REPORT)) as f:

@@ -28,8 +28,9 @@ RUNS = ("relu-s0", "moe_top1-s0")
 
 
 def eval_cli(*flags):
-    return subprocess.run([sys.executable, "eval.py", *flags], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "eval.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_legacy_config_resolves_to_the_same_run():
@@ -58,7 +59,8 @@ def test_legacy_run_dirs_load_in_eval_report_and_inspect(tmp_path):
     with open(sweep / "results.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"relu", "moe_top1"} and rows["relu"]["significant"] == "baseline"
-    inspect = eval_cli(f"--workdir={sweep / 'moe_top1-s0'}", "--inspect", "--neurons=0",
-                       "--windows=2")
+    inspect = eval_cli(
+        f"--workdir={sweep / 'moe_top1-s0'}", "--inspect", "--neurons=0", "--windows=2"
+    )
     assert inspect.returncode == 0, inspect.stderr[-2000:]
     assert (sweep / "moe_top1-s0" / "inspect.md").stat().st_size > 0

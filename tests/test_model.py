@@ -116,8 +116,9 @@ def test_sharded_equals_single_device(shape):
             return loss_and_grads(nnx.merge(graphdef, state), toks)
 
         with jax.set_mesh(mesh):
-            batch = jax.device_put(toks, jax.NamedSharding(mesh, sharding.logical_to_spec(
-                ("batch", None))))
+            batch = jax.device_put(
+                toks, jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
+            )
             loss, grads = f(state, batch)
     np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
@@ -155,8 +156,9 @@ def test_post_norm_block_ends_in_its_norm(norm):
     pre = Block(tiny_model(norm=norm), moe=False, rngs=nnx.Rngs(0))
     y_post, _ = post(x, positions)
     y_pre, _ = pre(x, positions)
-    ms_post = jnp.mean(jnp.square(y_post - (y_post.mean(-1, keepdims=True) if norm == "layer"
-                                            else 0)), -1)
+    ms_post = jnp.mean(
+        jnp.square(y_post - (y_post.mean(-1, keepdims=True) if norm == "layer" else 0)), -1
+    )
     np.testing.assert_allclose(ms_post, 1.0, rtol=1e-4)
     if norm == "layer":
         np.testing.assert_allclose(y_post.mean(-1), 0.0, atol=1e-5)
@@ -171,8 +173,7 @@ def test_original_preset_model():
     assert "final_norm" not in params and params["pos_embed"].shape == (64, 64)
     assert m.pos_embed.get_metadata()["out_sharding"] == (None, "embed")
     ffn = params["layers"]["blocks"][0]["ffn"]
-    assert set(ffn) == {"w1", "b1", "w2", "b2"} and "bias" in params["layers"]["blocks"][0][
-        "norm1"]
+    assert set(ffn) == {"w1", "b1", "w2", "b2"} and "bias" in params["layers"]["blocks"][0]["norm1"]
     with pytest.raises(ValueError, match=r"longer than model.max_seq_len=64"):
         m(tokens(1, 65))
 
@@ -213,16 +214,24 @@ def test_legacy_config_without_new_fields_is_pre_norm_rope():
     np.testing.assert_array_equal(legacy(toks)[0], current(toks)[0])
 
 
-@pytest.mark.parametrize("arg, expected", [
-    ("original", dict(name="original-relu-small", ffn="relu")),
-    ("gelu,preset=original,size=tiny", dict(name="original-gelu-tiny", ffn="gelu")),
-])
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("original", dict(name="original-relu-small", ffn="relu")),
+        ("gelu,preset=original,size=tiny", dict(name="original-gelu-tiny", ffn="gelu")),
+    ],
+)
 def test_original_preset_config(arg, expected):
     c = get_config(arg)
     m = c.model
     assert (c.name, m.ffn) == (expected["name"], expected["ffn"])
     assert (m.norm_position, m.norm, m.positions, m.ffn_bias, m.dropout) == (
-        "post", "layer", "learned", True, 0.1)
+        "post",
+        "layer",
+        "learned",
+        True,
+        0.1,
+    )
     assert m.max_seq_len == c.data.seq_len and m.tie_embeddings
     default = get_config("swiglu,size=tiny").model
     assert (default.norm_position, default.positions) == ("pre", "rope")
@@ -244,8 +253,10 @@ def test_original_preset_trains_with_dropout():
     def step(model, opt, toks):
         def loss_fn(m):
             logits, _ = m(toks[:, :-1])
-            nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-                logits, toks[:, 1:, None], -1)[..., 0]
+            nll = (
+                jax.nn.logsumexp(logits, -1)
+                - jnp.take_along_axis(logits, toks[:, 1:, None], -1)[..., 0]
+            )
             return nll.mean()
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -267,16 +278,20 @@ GPUS = {
 }
 
 
-@pytest.mark.parametrize("gpu, dtype, head_dim, expected", [
-    ("h100", jnp.bfloat16, 64, "cudnn"),
-    ("h100", jnp.float16, 128, "cudnn"),
-    ("h100", jnp.float32, 64, "xla"),  # cuDNN's fused attention is bf16/fp16 only
-    ("h100", jnp.bfloat16, 12, "xla"),  # head dim not a multiple of 8
-    ("h100", jnp.bfloat16, 192, "xla"),  # above 128
-    ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
-])
-def test_auto_attention_is_fused_only_where_cudnn_applies(monkeypatch, gpu, dtype, head_dim,
-                                                          expected):
+@pytest.mark.parametrize(
+    "gpu, dtype, head_dim, expected",
+    [
+        ("h100", jnp.bfloat16, 64, "cudnn"),
+        ("h100", jnp.float16, 128, "cudnn"),
+        ("h100", jnp.float32, 64, "xla"),  # cuDNN's fused attention is bf16/fp16 only
+        ("h100", jnp.bfloat16, 12, "xla"),  # head dim not a multiple of 8
+        ("h100", jnp.bfloat16, 192, "xla"),  # above 128
+        ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
+    ],
+)
+def test_auto_attention_is_fused_only_where_cudnn_applies(
+    monkeypatch, gpu, dtype, head_dim, expected
+):
     monkeypatch.setattr(jax, "devices", lambda *a: [GPUS[gpu]])
     assert attention_impl("auto", dtype, head_dim) == expected
     assert attention_impl("xla", dtype, head_dim) == "xla"  # a named one is kept as asked

@@ -135,11 +135,15 @@ def test_dropless_matches_loop(impl, use_bias):
     assert float(aux["dropped_fraction"]) == 0.0
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(capacity_factor=0.5),  # top-2 with drops: the case a k-major priority breaks
-    dict(capacity_factor=0.5, top_k=1),
-    dict(dispatch="dropless"),
-], ids=["capacity-top2", "capacity-top1", "dropless"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(capacity_factor=0.5),  # top-2 with drops: the case a k-major priority breaks
+        dict(capacity_factor=0.5, top_k=1),
+        dict(dispatch="dropless"),
+    ],
+    ids=["capacity-top2", "capacity-top1", "dropless"],
+)
 def test_token_choice_is_causal(cfg):
     """Outputs at positions < 8 do not depend on inputs at positions >= 8, in any sequence of
     the batch, even when capacity drops tokens."""
@@ -181,8 +185,14 @@ def test_expert_choice_fills_every_expert_exactly():
 
 
 def test_granularity_and_shared_experts():
-    cfg = moe_cfg(num_experts=2, top_k=1, granularity=2, num_shared=1, dispatch="dropless",
-                  dropless_impl="loop")
+    cfg = moe_cfg(
+        num_experts=2,
+        top_k=1,
+        granularity=2,
+        num_shared=1,
+        dispatch="dropless",
+        dropless_impl="loop",
+    )
     layer = make_layer(cfg)
     s = layer.settings
     assert (s.num_experts, s.top_k, s.expert_width, s.shared_width) == (4, 2, 16, 16)
@@ -199,8 +209,7 @@ def test_init_scales():
     out_scale/sqrt(width), as the dense FFN's (a router at std 1 starts collapsed)."""
     d, out_scale = 256, 0.25
     cfg = moe_cfg(num_shared=1)
-    layer = MoEFFN(d, settings(cfg, 512), variant="swiglu", out_scale=out_scale,
-                   rngs=nnx.Rngs(0))
+    layer = MoEFFN(d, settings(cfg, 512), variant="swiglu", out_scale=out_scale, rngs=nnx.Rngs(0))
     f = layer.settings.expert_width
     std = {name: float(jnp.std(getattr(layer, name)[...])) for name in ("router", "w1", "w2")}
     assert std["router"] == pytest.approx(d**-0.5, rel=0.05)
@@ -208,7 +217,8 @@ def test_init_scales():
     assert std["w2"] == pytest.approx(out_scale / math.sqrt(f), rel=0.05)
     shared_w2 = layer.shared.w2[...]
     assert float(jnp.std(shared_w2)) == pytest.approx(
-        out_scale / math.sqrt(shared_w2.shape[0]), rel=0.05)
+        out_scale / math.sqrt(shared_w2.shape[0]), rel=0.05
+    )
 
 
 # ---- losses, metrics, gradients, modes -------------------------------------------------
@@ -216,8 +226,12 @@ def test_init_scales():
 
 def test_aux_losses_by_hand():
     # 4 tokens, 4 experts, top-1; x_t = one-hot so the logits are the router's rows.
-    layer = MoEFFN(4, settings(moe_cfg(num_experts=4, top_k=1, capacity_factor=0.5), 8),
-                   variant="relu", rngs=nnx.Rngs(0))
+    layer = MoEFFN(
+        4,
+        settings(moe_cfg(num_experts=4, top_k=1, capacity_factor=0.5), 8),
+        variant="relu",
+        rngs=nnx.Rngs(0),
+    )
     logits = np.array([[2.0, 0, 0, 0], [0, 1.0, 0, 0], [3.0, 0, 0, 1], [0, 0, 0.5, 0]])
     layer.router[...] = jnp.asarray(logits)
     _, aux = apply(layer, jnp.eye(4)[None])
@@ -364,8 +378,9 @@ def test_sharded_matches_unsharded(dispatch, impl, mesh_shape):
         np.testing.assert_allclose(aux[key], ref_aux[key], rtol=1e-5, atol=1e-7)
     ref_flat = dict(nnx.to_flat_state(ref_grads))
     for path, g in nnx.to_flat_state(grads):
-        np.testing.assert_allclose(g[...], ref_flat[path][...], rtol=1e-4, atol=1e-6,
-                                   err_msg=str(path))
+        np.testing.assert_allclose(
+            g[...], ref_flat[path][...], rtol=1e-4, atol=1e-6, err_msg=str(path)
+        )
 
 
 def test_expert_choice_runs_sharded():
@@ -413,8 +428,10 @@ def test_validate_mesh_and_layers():
     assert moe_problems(num_experts=0, top_k=5) == []
     assert moe_problems(dict(data=2, expert=4)) == []
     (problem,) = moe_problems(dict(data=2, expert=4), num_experts=6)
-    assert "num_experts*granularity=6" in problem and "4-way sharding of logical axis " \
-        "'expert'" in problem
+    assert (
+        "num_experts*granularity=6" in problem
+        and "4-way sharding of logical axis 'expert'" in problem
+    )
     (problem,) = moe_problems(every=3)
     assert problem.startswith("model.moe.every=3")
 
@@ -423,8 +440,10 @@ def test_experts_not_divisible_by_expert_axis_raises():
     cfg = moe_cfg(num_experts=4)
     mesh = _mesh(1, 8)
     layer = make_layer(cfg)
-    with sharding.axis_rules(sharding.DEFAULT_RULES), jax.set_mesh(mesh), pytest.raises(
-        ValueError, match="num_experts\\*granularity=4 is not divisible"
+    with (
+        sharding.axis_rules(sharding.DEFAULT_RULES),
+        jax.set_mesh(mesh),
+        pytest.raises(ValueError, match="num_experts\\*granularity=4 is not divisible"),
     ):
         layer(tokens(batch=8, length=4))
 

@@ -11,11 +11,22 @@ from ffn_jax import report
 def record(variant, seed, test_loss, **group):
     """A run record as ``report.collect`` makes it, with made-up numbers."""
     g = {"variant": variant, **group, "seed": seed}
-    rec = {"run": f"{variant}-s{seed}", "group": g, "label": report._label(g),
-           "variant": variant, "seed": seed, "causal": variant != "ec", "tokens": 1000,
-           "flops_per_token": 2e6, "params_total": 10_000_000, "params_active": 5_000_000,
-           "tokens_per_s": 100.0 + seed, "mfu": 0.5, "train_time_s": None if seed else 10.0,
-           "curve": [(500, test_loss + 1), (1000, test_loss)]}
+    rec = {
+        "run": f"{variant}-s{seed}",
+        "group": g,
+        "label": report._label(g),
+        "variant": variant,
+        "seed": seed,
+        "causal": variant != "ec",
+        "tokens": 1000,
+        "flops_per_token": 2e6,
+        "params_total": 10_000_000,
+        "params_active": 5_000_000,
+        "tokens_per_s": 100.0 + seed,
+        "mfu": 0.5,
+        "train_time_s": None if seed else 10.0,
+        "curve": [(500, test_loss + 1), (1000, test_loss)],
+    }
     for split in report.SPLITS:
         rec[f"{split}_loss"] = test_loss + (0.01 if split == "validation" else 0.0)
         rec[f"{split}_perplexity"] = math.exp(test_loss)
@@ -58,20 +69,23 @@ def test_axes_make_groups_paired_at_the_same_value():
     recs = []
     for lr, shift in ((1e-3, 0.0), (3e-3, 0.5)):
         recs += [record("relu", s, v + shift, **{"train.lr": lr}) for s, v in enumerate(RELU)]
-        recs += [record("swiglu", s, v + shift, **{"train.lr": lr})
-                 for s, v in enumerate(SWIGLU)]
+        recs += [record("swiglu", s, v + shift, **{"train.lr": lr}) for s, v in enumerate(SWIGLU)]
     rows = {r["variant"]: r for r in report.aggregate(recs)}
     assert set(rows) == {"relu lr=0.001", "swiglu lr=0.001", "relu lr=0.003", "swiglu lr=0.003"}
     # Paired against relu at the same learning rate: the 0.5 shift cancels.
     assert rows["swiglu lr=0.003"]["d_test_loss"] == pytest.approx(
-        rows["swiglu lr=0.001"]["d_test_loss"])
+        rows["swiglu lr=0.001"]["d_test_loss"]
+    )
     assert rows["relu lr=0.003"]["train.lr"] == 3e-3
     assert "train.lr" in report.csv_fields(list(rows.values()))
 
 
 def test_markdown_table_is_derived_from_the_columns():
-    recs = [record(v, s, base + 0.3 * i) for i, v in enumerate(("relu", "ec"))
-            for s, base in enumerate(RELU)]
+    recs = [
+        record(v, s, base + 0.3 * i)
+        for i, v in enumerate(("relu", "ec"))
+        for s, base in enumerate(RELU)
+    ]
     table = report.markdown_table(report.aggregate(recs))
     head, rule, *lines = table.splitlines()
     headers = [h.strip() for h in head.strip("|").split("|")]

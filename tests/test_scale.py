@@ -65,8 +65,9 @@ def tiny(moe: bool = False, **shape) -> ConfigDict:
     c = get_config("swiglu,size=tiny")
     c.model.vocab_size = 256
     if moe:  # capacity for every token: the sharded dispatch drops nothing
-        set_fields(c, {"model.moe.num_experts": 8, "model.moe.top_k": 2,
-                       "model.moe.capacity_factor": 8.0})
+        set_fields(
+            c, {"model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.capacity_factor": 8.0}
+        )
     c.mesh.shape = ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
     return c
 
@@ -124,7 +125,7 @@ def test_param_and_optimizer_shardings_follow_rules(mesh_name):
     for path, spec in expected.items():
         assert params[path].sharding.spec == spec, path
         assert len(params[path].sharding.device_set) == 8
-        moments = [x for p, x in opt if path_of(p)[-len(path) - 1:-1] == path]
+        moments = [x for p, x in opt if path_of(p)[-len(path) - 1 : -1] == path]
         assert len(moments) == 2, path  # AdamW mu and nu
         assert all(m.sharding.spec == spec for m in moments), path
     assert params[("layers", "blocks", 0, "attn", "wq")].shape[0] == 2  # stacked layers
@@ -139,8 +140,9 @@ def test_memory_estimate_tracks_compiled(mesh_name):
     xla = memory.compiled_bytes(step)
     # Parameters and optimiser state are exact: the step's arguments are them plus the batch.
     batch = config.data.batch_size // 8 * (config.data.seq_len + 1) * 4
-    assert abs(est["params"] + est["optimizer"] + batch - xla["arguments"]) < 0.01 * xla[
-        "arguments"]
+    assert (
+        abs(est["params"] + est["optimizer"] + batch - xla["arguments"]) < 0.01 * xla["arguments"]
+    )
     assert 0.7 < est["total"] / xla["total"] < 1.4, (est, xla)
 
 
@@ -179,10 +181,17 @@ def test_rules_in_config_choose_the_sharding():
         (dict(data=2, fsdp=2), {}, r"mesh.shape=.* multiplies to 4 but there are 8 devices"),
         (dict(data=-1, fsdp=-1), {}, r"mesh.shape: at most one axis may be -1"),
         (dict(data=3, fsdp=-1), {}, r"fixed axes multiply to 3, which does not divide the 8"),
-        (dict(tensor=8), {}, r"model.n_heads=4 is not divisible by the 8-way sharding of "
-                             r"logical axis 'heads'; change model.n_heads or mesh.shape"),
-        (dict(fsdp=8), {"model.d_model": 36, "model.n_heads": 2, "model.n_kv_heads": 2},
-         r"model.d_model=36 is not divisible by the 8-way sharding of logical axis 'embed'"),
+        (
+            dict(tensor=8),
+            {},
+            r"model.n_heads=4 is not divisible by the 8-way sharding of "
+            r"logical axis 'heads'; change model.n_heads or mesh.shape",
+        ),
+        (
+            dict(fsdp=8),
+            {"model.d_model": 36, "model.n_heads": 2, "model.n_kv_heads": 2},
+            r"model.d_model=36 is not divisible by the 8-way sharding of logical axis 'embed'",
+        ),
     ],
 )
 def test_bad_mesh_is_one_clear_line(shape, model, message):
@@ -235,36 +244,59 @@ def free_port() -> int:
 
 def cpu_env(devices: int) -> dict:
     """This environment with ``devices`` simulated CPU devices per process."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                   os.environ.get("XLA_FLAGS", ""))
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+    }
 
 
 def train_cmd(workdir, *overrides) -> list[str]:
-    return [sys.executable, "train.py", "--config=configs/base.py:swiglu,size=tiny",
-            f"--workdir={workdir}", *[f"--config.{o}" for o in overrides]]
+    return [
+        sys.executable,
+        "train.py",
+        "--config=configs/base.py:swiglu,size=tiny",
+        f"--workdir={workdir}",
+        *[f"--config.{o}" for o in overrides],
+    ]
 
 
 def test_unreachable_coordinator_times_out_with_one_line(tmp_path):
     workdir = tmp_path / "run"
-    cmd = train_cmd(workdir, f"distributed.coordinator_address=localhost:{free_port()}",
-                    "distributed.num_processes=2", "distributed.process_id=1",
-                    "distributed.timeout_s=2")
+    cmd = train_cmd(
+        workdir,
+        f"distributed.coordinator_address=localhost:{free_port()}",
+        "distributed.num_processes=2",
+        "distributed.process_id=1",
+        "distributed.timeout_s=2",
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(4), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=cpu_env(4), capture_output=True, text=True, timeout=120
+    )
     assert time.perf_counter() - t0 < 60
     assert proc.returncode == distributed.TIMEOUT_EXIT_CODE, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
-    assert "did not finish within distributed.timeout_s=2: process 1 of 2 could not reach the " \
-           "coordinator localhost:" in errors[0]
+    assert (
+        "did not finish within distributed.timeout_s=2: process 1 of 2 could not reach the "
+        "coordinator localhost:" in errors[0]
+    )
     assert not workdir.exists()
 
 
-TWO_PROC = ("train.steps=6", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3",
-            "train.eval_batches=2", "train.final_eval=False", "train.checkpoint_every=3")
+TWO_PROC = (
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.final_eval=False",
+    "train.checkpoint_every=3",
+)
 
 
 def losses(workdir) -> dict[int, float]:
@@ -292,9 +324,19 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            train_cmd(two, *TWO_PROC, f"distributed.coordinator_address=localhost:{port}",
-                      "distributed.num_processes=2", f"distributed.process_id={i}"),
-            cwd=ROOT, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            train_cmd(
+                two,
+                *TWO_PROC,
+                f"distributed.coordinator_address=localhost:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+            ),
+            cwd=ROOT,
+            env=cpu_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=500) for p in procs]
@@ -308,8 +350,14 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     assert len(start) == 1 and start[0]["devices"] == 8  # one writer, the global mesh
     assert start[0]["memory_estimate"]["total"] > 0 and start[0]["memory_compiled"]["total"] > 0
 
-    proc = subprocess.run(train_cmd(one, *TWO_PROC), cwd=ROOT, env=cpu_env(8),
-                          capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        train_cmd(one, *TWO_PROC),
+        cwd=ROOT,
+        env=cpu_env(8),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(two), losses(one)
     assert sorted(a) == sorted(b) == list(range(1, 7))

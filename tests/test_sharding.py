@@ -10,24 +10,32 @@ from ffn_jax import sharding
 
 def test_resolve_mesh_shape_fills_the_one_free_axis():
     assert sharding.resolve_mesh_shape({"data": -1, "tensor": 2}, 8) == {
-        "data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+        "data": 4,
+        "fsdp": 1,
+        "expert": 1,
+        "tensor": 2,
+    }
     assert sharding.resolve_mesh_shape({"fsdp": 8}, 8)["fsdp"] == 8
 
 
-@pytest.mark.parametrize("shape, message", [
-    ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
-    ({"data": 0}, r"mesh.shape.data=0: axis sizes must be positive"),
-    ({"data": 3, "fsdp": -1}, "fixed axes multiply to 3, which does not divide the 8"),
-    ({"data": 2}, "multiplies to 2 but there are 8 devices"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
+        ({"data": 0}, r"mesh.shape.data=0: axis sizes must be positive"),
+        ({"data": 3, "fsdp": -1}, "fixed axes multiply to 3, which does not divide the 8"),
+        ({"data": 2}, "multiplies to 2 but there are 8 devices"),
+    ],
+)
 def test_bad_mesh_shapes(shape, message):
     with pytest.raises(ValueError, match=message):
         sharding.resolve_mesh_shape(shape, 8)
 
 
 def test_parse_rules_checks_names_targets_and_coverage():
-    rules = sharding.parse_rules([[n, list(t) if isinstance(t, tuple) else t]
-                                  for n, t in sharding.DEFAULT_RULES])
+    rules = sharding.parse_rules(
+        [[n, list(t) if isinstance(t, tuple) else t] for n, t in sharding.DEFAULT_RULES]
+    )
     assert rules == sharding.DEFAULT_RULES
     with pytest.raises(ValueError, match="unknown logical axis 'hidden'"):
         sharding.parse_rules([*rules, ("hidden", None)])
@@ -42,7 +50,8 @@ def test_parse_rules_checks_names_targets_and_coverage():
 def test_logical_to_spec_and_shard_count():
     rules = sharding.DEFAULT_RULES
     assert sharding.logical_to_spec(("batch", None, "act_mlp"), rules) == P(
-        ("data", "fsdp", "expert"), None, "tensor")
+        ("data", "fsdp", "expert"), None, "tensor"
+    )
     shape = {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert sharding.shard_count("batch", rules, shape) == 4
     assert sharding.shard_count("mlp", rules, shape) == 2

@@ -17,13 +17,27 @@ def tiny(**overrides):
 
 
 def test_every_problem_of_every_section_at_once():
-    c = tiny(**{"model.ffn": "swishglu", "model.dropout": 1.5, "train.lr": 0.0,
-                "train.schedule": "step", "data.seq_len": 0, "mesh.shape.data": 3})
+    c = tiny(
+        **{
+            "model.ffn": "swishglu",
+            "model.dropout": 1.5,
+            "train.lr": 0.0,
+            "train.schedule": "step",
+            "data.seq_len": 0,
+            "mesh.shape.data": 3,
+        }
+    )
     with pytest.raises(ConfigError) as e:
         from_config(c, num_devices=8)
     problems = e.value.problems
-    for start in ("model.ffn='swishglu'", "model.dropout=1.5", "train.lr=0.0",
-                  "train.schedule='step'", "data.seq_len=0", "mesh.shape="):
+    for start in (
+        "model.ffn='swishglu'",
+        "model.dropout=1.5",
+        "train.lr=0.0",
+        "train.schedule='step'",
+        "data.seq_len=0",
+        "mesh.shape=",
+    ):
         assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
     assert all("\n" not in p for p in problems)
     assert str(e.value).count("\n") == len(problems) - 1
@@ -42,13 +56,25 @@ def test_derived_model_values(variant):
 
 
 def test_explicit_d_ff_and_moe_layers():
-    c = tiny(**{"model.d_ff": 96, "model.n_layers": 4, "model.moe.num_experts": 4,
-                "model.moe.every": 2, "model.moe.granularity": 2, "model.moe.num_shared": 1})
+    c = tiny(
+        **{
+            "model.d_ff": 96,
+            "model.n_layers": 4,
+            "model.moe.num_experts": 4,
+            "model.moe.every": 2,
+            "model.moe.granularity": 2,
+            "model.moe.num_shared": 1,
+        }
+    )
     m = from_config(c, num_devices=8).model
     assert m.d_ff == 96 and m.ffn_kinds == ("dense", "moe", "dense", "moe")
     assert m.group_size == 2 and m.is_moe_layer(3) and not m.is_moe_layer(2)
     assert (m.moe.num_experts, m.moe.top_k, m.moe.expert_width, m.moe.shared_width) == (
-        8, 4, 48, 48)
+        8,
+        4,
+        48,
+        48,
+    )
     assert m.moe.lb_loss_coef == c.model.moe.lb_loss_coef  # the aux weights travel along
 
 
@@ -69,8 +95,15 @@ def test_vocab_is_known_before_data_preparation(tmp_path):
     user = from_config(tiny(**{"data.tokenizer": str(path), "model.vocab_multiple_of": 1}), 8)
     assert user.model.vocab_size == 270
     # Sharded-dimension checks see the vocabulary in the same pass.
-    c = tiny(**{"model.vocab_multiple_of": 1, "mesh.shape.data": 1, "mesh.shape.tensor": 8,
-                "model.n_heads": 8, "model.n_kv_heads": 8})
+    c = tiny(
+        **{
+            "model.vocab_multiple_of": 1,
+            "mesh.shape.data": 1,
+            "mesh.shape.tensor": 8,
+            "model.n_heads": 8,
+            "model.n_kv_heads": 8,
+        }
+    )
     problems = spec.problems(c, num_devices=8)
     assert any(p.startswith("model.vocab_size=257 is not divisible by the 8-way") for p in problems)
 
@@ -83,8 +116,16 @@ def test_specs_are_frozen():
 
 def test_field_metadata_replaces_hand_kept_lists():
     resumable = set(config_field_names("resumable"))
-    assert {"train.steps", "train.log_every", "train.resume", "data.cache_dir", "mesh.shape",
-            "model.remat", "model.vocab_size", "distributed.timeout_s"} <= resumable
+    assert {
+        "train.steps",
+        "train.log_every",
+        "train.resume",
+        "data.cache_dir",
+        "mesh.shape",
+        "model.remat",
+        "model.vocab_size",
+        "distributed.timeout_s",
+    } <= resumable
     assert not {"train.lr", "model.d_model", "data.seq_len", "model.ffn"} & resumable
     shared = set(config_field_names("shared"))
     assert {"train.lr", "train.steps", "data.seq_len", "model.d_model"} <= shared

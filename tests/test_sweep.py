@@ -15,23 +15,33 @@ from ffn_jax.sweep import evaluate_sweep, run_configs, train_sweep
 from ffn_jax.sweep import runs as sweep_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_FLAGS = ["--config=configs/compare.py:quick", "--config.sweep.variants=relu,swiglu",
-               "--config.train.steps=30", "--config.train.warmup_steps=3",
-               "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
-               "--config.train.log_every=5"]
+SWEEP_FLAGS = [
+    "--config=configs/compare.py:quick",
+    "--config.sweep.variants=relu,swiglu",
+    "--config.train.steps=30",
+    "--config.train.warmup_steps=3",
+    "--config.train.eval_every=10",
+    "--config.train.checkpoint_every=10",
+    "--config.train.log_every=5",
+]
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw
+    )
 
 
 @pytest.mark.slow
 def test_sweep_end_to_end_and_resume(tmp_path):
     workdir = tmp_path / "sweep"
     # Interrupt the sweep: kill it once the second run has started.
-    proc = subprocess.Popen([sys.executable, "train.py", *SWEEP_FLAGS, f"--workdir={workdir}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *SWEEP_FLAGS, f"--workdir={workdir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if os.path.exists(workdir / "swiglu-s0" / "checkpoints" / "10"):
@@ -71,8 +81,14 @@ def test_sweep_end_to_end_and_resume(tmp_path):
 def test_run_configs_share_data_order_and_differ_in_variant():
     c = compare.get_config("quick")
     runs = dict(run_configs(c))
-    assert list(runs) == ["relu-s0", "swiglu-s0", "moe_top1-s0",
-                          "relu-s1", "swiglu-s1", "moe_top1-s1"]
+    assert list(runs) == [
+        "relu-s0",
+        "swiglu-s0",
+        "moe_top1-s0",
+        "relu-s1",
+        "swiglu-s1",
+        "moe_top1-s1",
+    ]
     assert runs["relu-s1"].seed == runs["swiglu-s1"].seed == 1
     assert runs["moe_top1-s0"].model.moe.num_experts == 8
     assert runs["moe_top1-s0"].model.moe.top_k == 1
@@ -117,14 +133,16 @@ def test_axes_sweep_any_field_with_the_group_in_each_run():
     c.sweep.variants, c.sweep.seeds = "relu,moe_top1", 2
     c.sweep.axes = "train.lr=1e-3,3e-3; model.d_model=32"
     runs = dict(run_configs(c))
-    assert list(runs)[:4] == ["relu-lr=0.001-d_model=32-s0", "relu-lr=0.003-d_model=32-s0",
-                              "moe_top1-lr=0.001-d_model=32-s0",
-                              "moe_top1-lr=0.003-d_model=32-s0"]
+    assert list(runs)[:4] == [
+        "relu-lr=0.001-d_model=32-s0",
+        "relu-lr=0.003-d_model=32-s0",
+        "moe_top1-lr=0.001-d_model=32-s0",
+        "moe_top1-lr=0.003-d_model=32-s0",
+    ]
     r = runs["moe_top1-lr=0.003-d_model=32-s1"]
     assert (r.train.lr, r.model.d_model, r.seed, r.model.moe.num_experts) == (3e-3, 32, 1, 8)
     run = {r.name: r for r in sweep_runs(c)}["moe_top1-lr=0.003-d_model=32-s1"]
-    assert run.group == {"variant": "moe_top1", "train.lr": 3e-3, "model.d_model": 32,
-                         "seed": 1}
+    assert run.group == {"variant": "moe_top1", "train.lr": 3e-3, "model.d_model": 32, "seed": 1}
     assert resolve(r, group=run.group).group == run.group
     c.sweep.axes = "train.learning_rate=1e-3"
     with pytest.raises(ConfigError, match=r"'train.learning_rate' is not a config field"):

@@ -40,8 +40,9 @@ def losses(workdir):
 
 
 def run_cli(*args, timeout=300, **popen):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **popen
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,17 @@ def test_tiny_trains_below_unigram_entropy(trained):
     assert rows[0]["event"] == "start" and rows[-1]["event"] == "end"
     logged = [r for r in rows if "loss" in r]
     assert logged[-1]["loss"] < logged[0]["loss"] - 2.0
-    for key in ("step", "tokens", "loss", "grad_norm", "lr", "step_time_s", "tokens_per_s", "mfu",
-                "data_time_s"):
+    for key in (
+        "step",
+        "tokens",
+        "loss",
+        "grad_norm",
+        "lr",
+        "step_time_s",
+        "tokens_per_s",
+        "mfu",
+        "data_time_s",
+    ):
         assert key in logged[-1]
     # Input overlaps compute: fetching batches takes a small part of the step time.
     assert all(0 < r["data_time_s"] < 0.5 * r["step_time_s"] for r in logged), logged
@@ -99,29 +109,42 @@ def test_eval_in_fresh_process_matches_trainer(trained):
     assert ev["validation"]["bytes"] > 0 and ev["test"]["bytes"] > 0
     np.testing.assert_allclose(
         ev["test"]["bits_per_byte"],
-        ev["test"]["loss"] * ev["test"]["tokens"] / (np.log(2) * ev["test"]["bytes"]), rtol=1e-6)
+        ev["test"]["loss"] * ev["test"]["tokens"] / (np.log(2) * ev["test"]["bytes"]),
+        rtol=1e-6,
+    )
 
 
 def test_sample_generates_text(trained):
     workdir, _ = trained
-    proc = run_cli("eval.py", f"--workdir={workdir}", "--sample=KING", "--max_new_tokens=20",
-                   "--temperature=0.8")
+    proc = run_cli(
+        "eval.py",
+        f"--workdir={workdir}",
+        "--sample=KING",
+        "--max_new_tokens=20",
+        "--temperature=0.8",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout.strip()
     assert text.startswith("KING") and len(text) > len("KING")
 
 
 def test_resume_after_kill_reproduces_losses(tmp_path):
-    overrides = {"train.steps": 40, "train.log_every": 1, "train.checkpoint_every": 20,
-                 "train.eval_every": 0, "train.warmup_steps": 5}
+    overrides = {
+        "train.steps": 40,
+        "train.log_every": 1,
+        "train.checkpoint_every": 20,
+        "train.eval_every": 0,
+        "train.warmup_steps": 5,
+    }
     straight = str(tmp_path / "straight")
     train(tiny(**overrides), straight)
     # A run that dies after its step-20 checkpoint, then is restarted.
     resumed = str(tmp_path / "resumed")
     args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={resumed}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = os.path.join(resumed, "checkpoints", "20")
     deadline = time.time() + 240
     while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
@@ -138,11 +161,18 @@ def test_resume_after_kill_reproduces_losses(tmp_path):
 
 def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path):
     workdir = str(tmp_path / "run")
-    args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={workdir}",
-            "--config.train.steps=3000", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=1000", "--config.train.eval_every=0"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        "train.py",
+        "--config=configs/base.py:swiglu,size=tiny",
+        f"--workdir={workdir}",
+        "--config.train.steps=3000",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.eval_every=0",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -157,8 +187,13 @@ def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path):
     preempted = [r for r in read_metrics(workdir) if r.get("event") == "preempted"]
     assert preempted and preempted[0]["step"] == steps[0]
     # Resume to a shorter total so the test stays fast: the run continues from the checkpoint.
-    proc = run_cli(*args[:3], f"--config.train.steps={steps[0] + 5}", "--config.train.log_every=1",
-                   "--config.train.checkpoint_every=1000", "--config.train.eval_every=0")
+    proc = run_cli(
+        *args[:3],
+        f"--config.train.steps={steps[0] + 5}",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.eval_every=0",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert max(losses(workdir)) == steps[0] + 5
 
@@ -167,8 +202,10 @@ def test_sigterm_saves_checkpoint_and_resume_continues(tmp_path):
     "overrides, message",
     [
         ({"train.lr": -1.0}, r"train.lr=-1.0 must be positive"),
-        ({"data.batch_size": 12},
-         r"data.batch_size=12 is not divisible by the data-parallel size 8"),
+        (
+            {"data.batch_size": 12},
+            r"data.batch_size=12 is not divisible by the data-parallel size 8",
+        ),
         ({"train.warmup_steps": 500}, r"train.warmup_steps=500 must be in \[0, train.steps=150\)"),
         ({"mesh.shape.data": 3}, r"mesh.shape=.* multiplies to 3 but there are 8 devices"),
     ],
@@ -187,16 +224,21 @@ def test_all_problems_reported_together():
 
 
 def test_mistyped_override_is_an_error(tmp_path):
-    proc = run_cli("train.py", "--config=configs/base.py:swiglu,size=tiny",
-                   f"--workdir={tmp_path}/run", "--config.train.lrr=0.1")
+    proc = run_cli(
+        "train.py",
+        "--config=configs/base.py:swiglu,size=tiny",
+        f"--workdir={tmp_path}/run",
+        "--config.train.lrr=0.1",
+    )
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_unknown_size_preset_is_an_error(tmp_path):
-    proc = run_cli("train.py", "--config=configs/base.py:swiglu,size=huge",
-                   f"--workdir={tmp_path}/run")
+    proc = run_cli(
+        "train.py", "--config=configs/base.py:swiglu,size=huge", f"--workdir={tmp_path}/run"
+    )
     assert proc.returncode != 0 and "size='huge' is not a size preset" in proc.stderr
 
 
@@ -223,8 +265,15 @@ def test_resume_false_moves_old_run_aside(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     workdir = str(tmp_path / "run")
-    c = tiny(**{"train.steps": 20, "train.warmup_steps": 2, "train.eval_every": 0,
-                "train.checkpoint_every": 10, "train.log_every": 1})
+    c = tiny(
+        **{
+            "train.steps": 20,
+            "train.warmup_steps": 2,
+            "train.eval_every": 0,
+            "train.checkpoint_every": 10,
+            "train.log_every": 1,
+        }
+    )
     train(c, workdir)
     latest = os.path.join(workdir, "checkpoints", "20", "state")
     for root, _, files in os.walk(latest):
@@ -240,14 +289,23 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
-    args = ["train.py", "--config=configs/base.py:swiglu,size=tiny", f"--workdir={workdir}",
-            "--config.train.lr=1e6", "--config.train.grad_clip=0", "--config.train.warmup_steps=1",
-            "--config.train.checkpoint_every=1", "--config.train.log_every=1",
-            "--config.train.keep_checkpoints=100"]
+    args = [
+        "train.py",
+        "--config=configs/base.py:swiglu,size=tiny",
+        f"--workdir={workdir}",
+        "--config.train.lr=1e6",
+        "--config.train.grad_clip=0",
+        "--config.train.warmup_steps=1",
+        "--config.train.checkpoint_every=1",
+        "--config.train.log_every=1",
+        "--config.train.keep_checkpoints=100",
+    ]
     proc = run_cli(*args)
     assert proc.returncode == 1
-    m = re.search(r"training loss is (nan|inf) at step (\d+); stopped. Last good checkpoint: (\d+)",
-                  proc.stderr)
+    m = re.search(
+        r"training loss is (nan|inf) at step (\d+); stopped. Last good checkpoint: (\d+)",
+        proc.stderr,
+    )
     assert m, proc.stderr[-2000:]
     bad, kept = int(m.group(2)), int(m.group(3))
     assert kept == bad - 1
@@ -257,17 +315,39 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_profile_window_writes_a_trace(tmp_path):
     workdir = str(tmp_path / "run")
-    train(tiny(**{"train.steps": 6, "train.warmup_steps": 1, "train.eval_every": 0,
-                               "train.profile_steps": "2:4", "train.final_eval": False}),
-                       workdir)
-    traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files
-              if f.endswith((".xplane.pb", ".trace.json.gz"))]
+    train(
+        tiny(
+            **{
+                "train.steps": 6,
+                "train.warmup_steps": 1,
+                "train.eval_every": 0,
+                "train.profile_steps": "2:4",
+                "train.final_eval": False,
+            }
+        ),
+        workdir,
+    )
+    traces = [
+        f
+        for _, _, files in os.walk(os.path.join(workdir, "profile"))
+        for f in files
+        if f.endswith((".xplane.pb", ".trace.json.gz"))
+    ]
     assert traces
 
 
 def test_dropout_trains_through_the_trainer(tmp_path):
-    result = train(tiny(**{"model.dropout": 0.1, "train.steps": 12,
-                                        "train.warmup_steps": 2, "train.eval_every": 0,
-                                        "train.final_eval": False}), str(tmp_path / "run"))
+    result = train(
+        tiny(
+            **{
+                "model.dropout": 0.1,
+                "train.steps": 12,
+                "train.warmup_steps": 2,
+                "train.eval_every": 0,
+                "train.final_eval": False,
+            }
+        ),
+        str(tmp_path / "run"),
+    )
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert result["step"] == 12 and rows[-1]["loss"] < rows[0]["loss"]

@@ -58,13 +58,29 @@ class CorpusKind:
 
 
 CORPORA: dict[str, CorpusKind] = {
-    c.name: c for c in (
-        CorpusKind("shakespeare", lambda cfg, cache: shakespeare_corpus(cache), lambda cfg: [],
-                   False, "the complete works, fetched once (built in)"),
-        CorpusKind("text", lambda cfg, cache: text_corpus(cfg.paths, cfg.heldout_fraction),
-                   _text_problems, True, "local text files, directories or globs"),
-        CorpusKind("hf", lambda cfg, cache: hf_corpus(cfg), _hf_problems, True,
-                   "a Hugging Face dataset (the hf extra)"),
+    c.name: c
+    for c in (
+        CorpusKind(
+            "shakespeare",
+            lambda cfg, cache: shakespeare_corpus(cache),
+            lambda cfg: [],
+            False,
+            "the complete works, fetched once (built in)",
+        ),
+        CorpusKind(
+            "text",
+            lambda cfg, cache: text_corpus(cfg.paths, cfg.heldout_fraction),
+            _text_problems,
+            True,
+            "local text files, directories or globs",
+        ),
+        CorpusKind(
+            "hf",
+            lambda cfg, cache: hf_corpus(cfg),
+            _hf_problems,
+            True,
+            "a Hugging Face dataset (the hf extra)",
+        ),
     )
 }
 

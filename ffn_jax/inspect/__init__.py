@@ -49,14 +49,33 @@ from ffn_jax.inspect.collect import (
 from ffn_jax.inspect.report import HEATMAP, MIN_OCCURRENCES, REPORT, write_report
 
 __all__ = [
-    "HEATMAP", "MIN_OCCURRENCES", "REPORT", "Context", "ExpertTokens", "Inspection", "Neuron",
-    "first_windows", "inspect_run", "parse_layers", "promoted_tokens", "trace",
+    "HEATMAP",
+    "MIN_OCCURRENCES",
+    "REPORT",
+    "Context",
+    "ExpertTokens",
+    "Inspection",
+    "Neuron",
+    "first_windows",
+    "inspect_run",
+    "parse_layers",
+    "promoted_tokens",
+    "trace",
 ]
 
 
-def inspect_run(workdir: str, *, layers: str = "", neurons: int = 8, contexts: int = 5,
-                windows: int = 64, width: int = 8, experts: bool | None = None,
-                step: int | None = None, batch: int = 8) -> Inspection:
+def inspect_run(
+    workdir: str,
+    *,
+    layers: str = "",
+    neurons: int = 8,
+    contexts: int = 5,
+    windows: int = 64,
+    width: int = 8,
+    experts: bool | None = None,
+    step: int | None = None,
+    batch: int = 8,
+) -> Inspection:
     """Inspect the run in ``workdir`` and write its report there (see the module docstring).
 
     ``layers``: comma-separated indices (all when empty); ``width``: context tokens either
@@ -80,13 +99,26 @@ def inspect_run(workdir: str, *, layers: str = "", neurons: int = 8, contexts: i
     windows_wt = first_windows(r.prep.splits["validation"].tokens, r.spec.data.seq_len, windows)
     tok = r.prep.tokenizer
     with jax.set_mesh(r.rs.mesh):
-        run = scan_windows(model, windows_wt, dense, routed, contexts=contexts,
-                           vocab=tok.vocab_size, batch=batch)
+        run = scan_windows(
+            model, windows_wt, dense, routed, contexts=contexts, vocab=tok.vocab_size, batch=batch
+        )
     occurrences = np.bincount(windows_wt.reshape(-1), minlength=tok.vocab_size)
     found = Inspection(
-        step=r.step, tokens=windows_wt.size,
-        neurons={i: top_neurons(model, i, run.top[i], windows_wt, neurons=neurons, width=width,
-                                vocab=tok.vocab_size, decode=tok.decode) for i in dense},
+        step=r.step,
+        tokens=windows_wt.size,
+        neurons={
+            i: top_neurons(
+                model,
+                i,
+                run.top[i],
+                windows_wt,
+                neurons=neurons,
+                width=width,
+                vocab=tok.vocab_size,
+                decode=tok.decode,
+            )
+            for i in dense
+        },
         experts={i: ExpertTokens(i, c, occurrences, int(c.sum())) for i, c in run.counts.items()},
     )
     write_report(workdir, r.spec, found, chosen, tok.decode)

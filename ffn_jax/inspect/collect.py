@@ -79,32 +79,42 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     try:
         layers = [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"--layers={text!r} is not a comma-separated list of layer indices; "
-                         "e.g. --layers=0,1") from None
+        raise ValueError(
+            f"--layers={text!r} is not a comma-separated list of layer indices; e.g. --layers=0,1"
+        ) from None
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
-        raise ValueError(f"--layers={text!r}: layer {bad[0]} is out of range; the run has "
-                         f"model.n_layers={n_layers}, so use indices 0..{n_layers - 1}")
+        raise ValueError(
+            f"--layers={text!r}: layer {bad[0]} is out of range; the run has "
+            f"model.n_layers={n_layers}, so use indices 0..{n_layers - 1}"
+        )
     return sorted(set(layers))
 
 
-def check_request(m: ModelSpec, layers: list[int], neurons: int, contexts: int, windows: int,
-                  experts: bool | None) -> None:
+def check_request(
+    m: ModelSpec, layers: list[int], neurons: int, contexts: int, windows: int, experts: bool | None
+) -> None:
     """ValueError (one line: flag, value, fix) for a request the run cannot answer."""
     d_ff = m.d_ff
     if not 0 <= neurons <= d_ff:
-        raise ValueError(f"--neurons={neurons} must be in [0, d_ff={d_ff}] (the FFN width of "
-                         f"this run); use at most --neurons={d_ff}")
+        raise ValueError(
+            f"--neurons={neurons} must be in [0, d_ff={d_ff}] (the FFN width of "
+            f"this run); use at most --neurons={d_ff}"
+        )
     if contexts < 1:
         raise ValueError(f"--contexts={contexts} must be >= 1")
     if windows < 1:
         raise ValueError(f"--windows={windows} must be >= 1")
     if experts and m.moe is None:
-        raise ValueError("--experts: this run is dense (model.moe.num_experts=0); expert "
-                         "specialisation needs an MoE run, so drop --experts")
+        raise ValueError(
+            "--experts: this run is dense (model.moe.num_experts=0); expert "
+            "specialisation needs an MoE run, so drop --experts"
+        )
     if experts and m.moe is not None and not any(m.is_moe_layer(i) for i in layers):
-        raise ValueError(f"--experts: none of --layers={layers} is an MoE layer (every "
-                         f"model.moe.every={m.moe.every}-th); choose one of them")
+        raise ValueError(
+            f"--experts: none of --layers={layers} is an MoE layer (every "
+            f"model.moe.every={m.moe.every}-th); choose one of them"
+        )
 
 
 # ---- running the model ---------------------------------------------------------------
@@ -117,8 +127,9 @@ def first_windows(tokens: np.ndarray, seq_len: int, windows: int) -> np.ndarray:
     return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
-def trace(model: LM, tokens_bt: jax.Array, hidden_layers: frozenset[int],
-          route_layers: frozenset[int]) -> tuple[jax.Array, dict, dict]:
+def trace(
+    model: LM, tokens_bt: jax.Array, hidden_layers: frozenset[int], route_layers: frozenset[int]
+) -> tuple[jax.Array, dict, dict]:
     """The model's own forward pass with its FFNs captured (``LM.capture``): returns
     ``(logits (b, t, v), hidden, routes)``, ``hidden[layer]`` the FFN hidden activations
     ``(b, t, f)`` of each of ``hidden_layers`` and ``routes[layer]`` the router's flat
@@ -131,13 +142,16 @@ def trace(model: LM, tokens_bt: jax.Array, hidden_layers: frozenset[int],
     finally:
         model.capture(False)
     hidden = {i: aux[f"capture/{i % n}/hidden"][i // n] for i in hidden_layers}
-    routes = {i: (aux[f"capture/{i % n}/expert"][i // n], aux[f"capture/{i % n}/token"][i // n])
-              for i in route_layers}
+    routes = {
+        i: (aux[f"capture/{i % n}/expert"][i // n], aux[f"capture/{i % n}/token"][i // n])
+        for i in route_layers
+    }
     return logits, hidden, routes
 
 
-def merge_top(vals_fc: np.ndarray, idx_fc: np.ndarray, new_vals: np.ndarray,
-              new_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_top(
+    vals_fc: np.ndarray, idx_fc: np.ndarray, new_vals: np.ndarray, new_idx: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the ``k`` largest of two ``(f, c)`` candidate sets (ties: earlier first)."""
     vals = np.concatenate([vals_fc, new_vals], axis=1)
     idx = np.concatenate([idx_fc, new_idx], axis=1)
@@ -154,9 +168,16 @@ class Scanned:
     counts: dict[int, np.ndarray]
 
 
-def scan_windows(model: LM, windows_wt: np.ndarray, hidden_layers: list[int],
-                 route_layers: list[int], *, contexts: int, vocab: int,
-                 batch: int = 8) -> Scanned:
+def scan_windows(
+    model: LM,
+    windows_wt: np.ndarray,
+    hidden_layers: list[int],
+    route_layers: list[int],
+    *,
+    contexts: int,
+    vocab: int,
+    batch: int = 8,
+) -> Scanned:
     """Stream the windows through ``trace``, ``batch`` at a time: per hidden layer the top
     ``contexts`` activations of every neuron ``(f, c)`` with flat token indices, per routed
     layer the assignment counts ``(E, vocab)``."""
@@ -167,8 +188,10 @@ def scan_windows(model: LM, windows_wt: np.ndarray, hidden_layers: list[int],
     def step(state, tokens_bt):
         _, hidden, routes = trace(nnx.merge(graphdef, state), tokens_bt, hl, rl)
         k = min(contexts, tokens_bt.size)
-        top = {i: jax.lax.top_k(h.reshape(-1, h.shape[-1]).astype(jnp.float32).T, k)
-               for i, h in hidden.items()}
+        top = {
+            i: jax.lax.top_k(h.reshape(-1, h.shape[-1]).astype(jnp.float32).T, k)
+            for i, h in hidden.items()
+        }
         return top, routes
 
     run = Scanned(top={}, counts={})
@@ -180,8 +203,9 @@ def scan_windows(model: LM, windows_wt: np.ndarray, hidden_layers: list[int],
         offset = start * windows_wt.shape[1]
         for i, (vals, idx) in top.items():
             idx = idx.astype(np.int64) + offset
-            run.top[i] = merge_top(*run.top[i], vals, idx, contexts) if i in run.top else (
-                vals, idx)
+            run.top[i] = (
+                merge_top(*run.top[i], vals, idx, contexts) if i in run.top else (vals, idx)
+            )
         flat = chunk.reshape(-1)
         for i, (expert_a, token_a) in routes.items():
             counts = run.counts.setdefault(i, np.zeros((num_e, vocab), np.int64))
@@ -199,8 +223,9 @@ def block_param(model: LM, layer: int, name: str) -> np.ndarray:
     return np.asarray(stacked[layer // n])
 
 
-def promoted_tokens(model: LM, layer: int, neuron: int, top: int,
-                    vocab: int) -> list[tuple[int, float]]:
+def promoted_tokens(
+    model: LM, layer: int, neuron: int, top: int, vocab: int
+) -> list[tuple[int, float]]:
     """The ``top`` token ids (< ``vocab``: padding ids excluded) with the largest
     ``w2[neuron] @ E`` and their values (see the module docstring)."""
     w2_d = block_param(model, layer, "w2")[neuron]
@@ -209,25 +234,46 @@ def promoted_tokens(model: LM, layer: int, neuron: int, top: int,
     return [(int(i), float(scores_v[i])) for i in ids]
 
 
-def context(windows_wt: np.ndarray, flat: int, activation: float, width: int,
-            decode: Decode) -> Context:
+def context(
+    windows_wt: np.ndarray, flat: int, activation: float, width: int, decode: Decode
+) -> Context:
     """The window text around flat token index ``flat``, ``width`` tokens either side."""
     w, p = divmod(int(flat), windows_wt.shape[1])
     row = windows_wt[w]
-    return Context(w, p, float(activation), decode(row[max(0, p - width) : p]),
-                   decode(row[p : p + 1]), decode(row[p + 1 : p + 1 + width]))
+    return Context(
+        w,
+        p,
+        float(activation),
+        decode(row[max(0, p - width) : p]),
+        decode(row[p : p + 1]),
+        decode(row[p + 1 : p + 1 + width]),
+    )
 
 
-def top_neurons(model: LM, layer: int, top: tuple[np.ndarray, np.ndarray],
-                windows_wt: np.ndarray, *, neurons: int, width: int, vocab: int,
-                decode: Decode) -> list[Neuron]:
+def top_neurons(
+    model: LM,
+    layer: int,
+    top: tuple[np.ndarray, np.ndarray],
+    windows_wt: np.ndarray,
+    *,
+    neurons: int,
+    width: int,
+    vocab: int,
+    decode: Decode,
+) -> list[Neuron]:
     """The ``neurons`` units of ``layer`` with the highest maximum activation, best first."""
     vals_fc, idx_fc = top
     order = np.argsort(-vals_fc[:, 0], kind="stable")[:neurons]
     return [
-        Neuron(layer, int(i), float(vals_fc[i, 0]),
-               [context(windows_wt, j, v, width, decode) for v, j in zip(vals_fc[i], idx_fc[i],
-                                                                          strict=True)],
-               promoted_tokens(model, layer, int(i), PROMOTED_TOKENS, vocab))
+        Neuron(
+            layer,
+            int(i),
+            float(vals_fc[i, 0]),
+            [
+                context(windows_wt, j, v, width, decode)
+                for v, j in zip(vals_fc[i], idx_fc[i], strict=True)
+            ],
+            promoted_tokens(model, layer, int(i), PROMOTED_TOKENS, vocab),
+        )
         for i in order
     ]

@@ -34,15 +34,23 @@ def code(text: str, cell: bool = False) -> str:
 
 def context_line(c: Context) -> str:
     """One context: activation, place and the text with the trigger marked ``[[tok]]``."""
-    return (f"- {c.activation:.3f} (window {c.window}, position {c.position}): "
-            f"{code(f'{c.left}[[{c.token}]]{c.right}')}")
+    return (
+        f"- {c.activation:.3f} (window {c.window}, position {c.position}): "
+        f"{code(f'{c.left}[[{c.token}]]{c.right}')}"
+    )
 
 
 def neuron_section(n: Neuron, decode: Decode) -> list[str]:
     """Markdown lines for one neuron: its top contexts and promoted tokens."""
     promoted = ", ".join(f"{code(decode(np.array([i])))} {v:+.2f}" for i, v in n.promoted)
-    return [f"#### Layer {n.layer}, neuron {n.index} (max activation {n.max_activation:.3f})",
-            "", *map(context_line, n.contexts), "", f"Promotes: {promoted}", ""]
+    return [
+        f"#### Layer {n.layer}, neuron {n.index} (max activation {n.max_activation:.3f})",
+        "",
+        *map(context_line, n.contexts),
+        "",
+        f"Promotes: {promoted}",
+        "",
+    ]
 
 
 def expert_rows(e: ExpertTokens, decode: Decode) -> list[str]:
@@ -53,22 +61,33 @@ def expert_rows(e: ExpertTokens, decode: Decode) -> list[str]:
     rows = []
     for x, counts_v in enumerate(e.counts):
         by_count = [i for i in np.argsort(-counts_v, kind="stable")[:TOP_TOKENS] if counts_v[i]]
-        by_share = [i for i in np.lexsort((-counts_v, -share_ev[x]))[:TOP_TOKENS]
-                    if share_ev[x, i] > 0]  # ties in share: the more frequent token first
-        count_cell = ", ".join(f"{code(decode(np.array([i])), True)} {counts_v[i]}"
-                               for i in by_count)
-        share_cell = ", ".join(f"{code(decode(np.array([i])), True)} {share_ev[x, i]:.0%} of "
-                               f"{e.occurrences[i]}" for i in by_share)
+        by_share = [
+            i for i in np.lexsort((-counts_v, -share_ev[x]))[:TOP_TOKENS] if share_ev[x, i] > 0
+        ]  # ties in share: the more frequent token first
+        count_cell = ", ".join(
+            f"{code(decode(np.array([i])), True)} {counts_v[i]}" for i in by_count
+        )
+        share_cell = ", ".join(
+            f"{code(decode(np.array([i])), True)} {share_ev[x, i]:.0%} of {e.occurrences[i]}"
+            for i in by_share
+        )
         rows.append(f"| {x} | {load_e[x]:.1%} | {count_cell} | {share_cell} |")
     return rows
 
 
 def expert_section(e: ExpertTokens, decode: Decode) -> list[str]:
     """Markdown lines for one MoE layer's expert table."""
-    return [f"### Layer {e.layer}", "", f"{e.routed:,} routed assignments.", "",
-            "| expert | load | most received (count) | most specialised (share of the "
-            f"token's occurrences, >= {MIN_OCCURRENCES}) |", "| --- | --- | --- | --- |",
-            *expert_rows(e, decode), ""]
+    return [
+        f"### Layer {e.layer}",
+        "",
+        f"{e.routed:,} routed assignments.",
+        "",
+        "| expert | load | most received (count) | most specialised (share of the "
+        f"token's occurrences, >= {MIN_OCCURRENCES}) |",
+        "| --- | --- | --- | --- |",
+        *expert_rows(e, decode),
+        "",
+    ]
 
 
 def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
@@ -85,8 +104,15 @@ def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
     im = ax.imshow(load_le, cmap="viridis", aspect="auto", vmin=0)
     if n_experts <= 32:
         for (r, c), v in np.ndenumerate(load_le):
-            ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=7,
-                    color="k" if v > 0.6 * load_le.max() else "w")  # readable on viridis
+            ax.text(
+                c,
+                r,
+                f"{v:.0%}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="k" if v > 0.6 * load_le.max() else "w",
+            )  # readable on viridis
     ax.set_xticks(range(n_experts))
     ax.set_yticks(range(n_layers), [f"layer {i}" for i in layers])
     ax.set_xlabel("expert")
@@ -100,23 +126,32 @@ def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
 def header(spec: RunSpec, found: Inspection, layers: list[int]) -> list[str]:
     """Title and the settings the numbers depend on."""
     m, t = spec.model, spec.data.seq_len
-    return [f"# Inside the FFN: {spec.name}, step {found.step}", "",
-            f"{found.tokens:,} validation tokens (the first {found.tokens // t} windows of {t}); "
-            f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {m.d_ff}, "
-            f"{m.norm_position}-norm. See `ffn_jax/inspect/__init__.py` for the "
-            "definitions.", ""]
+    return [
+        f"# Inside the FFN: {spec.name}, step {found.step}",
+        "",
+        f"{found.tokens:,} validation tokens (the first {found.tokens // t} windows of {t}); "
+        f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {m.d_ff}, "
+        f"{m.norm_position}-norm. See `ffn_jax/inspect/__init__.py` for the "
+        "definitions.",
+        "",
+    ]
 
 
-def write_report(workdir: str, spec: RunSpec, found: Inspection, layers: list[int],
-                 decode: Decode) -> str:
+def write_report(
+    workdir: str, spec: RunSpec, found: Inspection, layers: list[int], decode: Decode
+) -> str:
     """Write ``inspect.md`` (and the heatmap for MoE layers) into ``workdir``; returns its
     path."""
     lines = header(spec, found, layers)
     if found.neurons:
-        lines += ["## Key-value memories", "",
-                  "Neurons with the highest activation; each with its top-activating contexts "
-                  "(trigger token `[[marked]]`) and the tokens its `w2` row promotes through "
-                  "the output embedding.", ""]
+        lines += [
+            "## Key-value memories",
+            "",
+            "Neurons with the highest activation; each with its top-activating contexts "
+            "(trigger token `[[marked]]`) and the tokens its `w2` row promotes through "
+            "the output embedding.",
+            "",
+        ]
         for i in layers:
             if spec.model.is_moe_layer(i):
                 lines += [f"### Layer {i}: MoE (experts, below)", ""]

@@ -74,8 +74,14 @@ def _exchange_and_compute(
 
 
 def capacity_dispatch(
-    x_td: jax.Array, expert_tk: jax.Array, weight_tk: jax.Array, w: Weights, act: Activation,
-    cap: int, axes: ShardAxes, length: int,
+    x_td: jax.Array,
+    expert_tk: jax.Array,
+    weight_tk: jax.Array,
+    w: Weights,
+    act: Activation,
+    cap: int,
+    axes: ShardAxes,
+    length: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
     """Token choice with ``cap`` slots per expert over ``t = batch * length`` tokens (rows
     of ``x_td`` batch-major). Returns ``(y_td, count_e, dropped, of)``."""
@@ -104,7 +110,11 @@ def capacity_dispatch(
 
 
 def expert_choice_dispatch(
-    x_td: jax.Array, probs_te: jax.Array, w: Weights, act: Activation, cap: int,
+    x_td: jax.Array,
+    probs_te: jax.Array,
+    w: Weights,
+    act: Activation,
+    cap: int,
     axes: ShardAxes,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
     """Expert choice with ``cap`` tokens per expert. Returns ``(y_td, count_e, unpicked, t)``."""
@@ -135,7 +145,11 @@ def _grouped(
 
 
 def _dropless_exchange(
-    x_nd: jax.Array, expert_n: jax.Array, w: Weights, act: Activation, impl: str,
+    x_nd: jax.Array,
+    expert_n: jax.Array,
+    w: Weights,
+    act: Activation,
+    impl: str,
     axes: ShardAxes,
 ) -> jax.Array:
     """Experts on rows sorted by global expert id, exchanged capacity-free over the expert axis."""
@@ -150,9 +164,9 @@ def _dropless_exchange(
     valid_jr = rank_r[None, :] < count_j[:, None]
     src_jr = jnp.where(valid_jr, start_j[:, None] + rank_r[None, :], rows)
     send_x = x_nd.at[src_jr].get(mode="fill", fill_value=0)  # (n, rows, d)
-    local_jr = expert_n.at[src_jr].get(mode="fill", fill_value=0) - num_local * jnp.arange(n)[
-        :, None
-    ]
+    local_jr = (
+        expert_n.at[src_jr].get(mode="fill", fill_value=0) - num_local * jnp.arange(n)[:, None]
+    )
     send_e = jnp.where(valid_jr, local_jr, num_local)
     recv_x = jax.lax.all_to_all(send_x, axes.expert, 0, 0, tiled=True).reshape(n * rows, d)
     recv_e = jax.lax.all_to_all(send_e, axes.expert, 0, 0, tiled=True).reshape(n * rows)
@@ -163,8 +177,13 @@ def _dropless_exchange(
 
 
 def dropless_dispatch(
-    x_td: jax.Array, expert_tk: jax.Array, weight_tk: jax.Array, w: Weights, act: Activation,
-    impl: str, axes: ShardAxes,
+    x_td: jax.Array,
+    expert_tk: jax.Array,
+    weight_tk: jax.Array,
+    w: Weights,
+    act: Activation,
+    impl: str,
+    axes: ShardAxes,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
     """Token choice without capacity. Returns ``(y_td, count_e, 0, t*k)``."""
     t, k = expert_tk.shape

@@ -110,7 +110,8 @@ def tiled_experts(
             e < num_e,
             lambda x, w_e: dense_experts(x[None], w_e, act)[0],
             lambda x, _: jnp.zeros_like(x),
-            x_cd, w_e,
+            x_cd,
+            w_e,
         )
         return None, y_cd
 

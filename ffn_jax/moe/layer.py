@@ -75,7 +75,12 @@ def shard_axes(num_experts: int) -> ShardAxes:
 
 
 def run_routed(
-    x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act,
+    x_bld: jax.Array,
+    logits_ble: jax.Array,
+    w: Weights,
+    *,
+    s: MoESettings,
+    act,
     capacity_factor: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without a
@@ -140,16 +145,25 @@ class MoEFFN(nnx.Module):
         w_in = param(_expert_init(), ("expert", "embed", "mlp"))
         self.w1 = nnx.Param(w_in(rngs.params(), (e, d_model, f)))
         self.w3 = nnx.Param(w_in(rngs.params(), (e, d_model, f))) if self.variant.gated else None
-        self.w2 = nnx.Param(param(_expert_init(out_scale), ("expert", "mlp", "embed"))(
-            rngs.params(), (e, f, d_model)
-        ))
+        self.w2 = nnx.Param(
+            param(_expert_init(out_scale), ("expert", "mlp", "embed"))(
+                rngs.params(), (e, f, d_model)
+            )
+        )
         b_h, b_d = param(zeros, ("expert", "mlp")), param(zeros, ("expert", "embed"))
         self.b1 = nnx.Param(b_h(rngs.params(), (e, f))) if use_bias else None
         self.b3 = nnx.Param(b_h(rngs.params(), (e, f))) if use_bias and self.variant.gated else None
         self.b2 = nnx.Param(b_d(rngs.params(), (e, d_model))) if use_bias else None
         self.shared = (
-            FFN(d_model, s.shared_width, variant, use_bias=use_bias, dtype=dtype,
-                out_scale=out_scale, rngs=rngs)
+            FFN(
+                d_model,
+                s.shared_width,
+                variant,
+                use_bias=use_bias,
+                dtype=dtype,
+                out_scale=out_scale,
+                rngs=rngs,
+            )
             if s.shared_width
             else None
         )
@@ -183,8 +197,12 @@ class MoEFFN(nnx.Module):
         cf = s.eval_capacity_factor if self.deterministic else s.capacity_factor
         logits = self.router_logits(x_btd)
         y, aux = run_routed(
-            x_btd.astype(self.dtype), logits, self.expert_weights(),
-            s=s, act=self.variant.activation, capacity_factor=cf,
+            x_btd.astype(self.dtype),
+            logits,
+            self.expert_weights(),
+            s=s,
+            act=self.variant.activation,
+            capacity_factor=cf,
         )
         if self.shared is not None:
             shared = self.shared(x_btd)
@@ -196,4 +214,3 @@ class MoEFFN(nnx.Module):
             expert_a, token_a = ROUTERS[s.router].assign(probs_te, s, cap)
             aux = {**aux, "capture/expert": expert_a, "capture/token": token_a}
         return y, aux
-

@@ -48,8 +48,17 @@ class Router:
         return dispatch == "capacity"
 
 
-def _token_choice(x_td, probs_te, w: Weights, *, s: MoESettings, act: Activation, cap: int,
-                  axes: ShardAxes, length: int) -> RouteOut:
+def _token_choice(
+    x_td,
+    probs_te,
+    w: Weights,
+    *,
+    s: MoESettings,
+    act: Activation,
+    cap: int,
+    axes: ShardAxes,
+    length: int,
+) -> RouteOut:
     expert_tk, weight_tk = top_k_route(probs_te, s.top_k, s.renormalize)
     if s.dispatch == "capacity":
         return capacity_dispatch(x_td, expert_tk, weight_tk, w, act, cap, axes, length)
@@ -63,8 +72,17 @@ def _token_choice_assign(probs_te, s: MoESettings, cap: int) -> tuple[jax.Array,
     return expert_tk.reshape(-1), tokens
 
 
-def _expert_choice(x_td, probs_te, w: Weights, *, s: MoESettings, act: Activation, cap: int,
-                   axes: ShardAxes, length: int) -> RouteOut:
+def _expert_choice(
+    x_td,
+    probs_te,
+    w: Weights,
+    *,
+    s: MoESettings,
+    act: Activation,
+    cap: int,
+    axes: ShardAxes,
+    length: int,
+) -> RouteOut:
     del s, length
     return expert_choice_dispatch(x_td, probs_te, w, act, cap, axes)
 
@@ -75,13 +93,24 @@ def _expert_choice_assign(probs_te, s: MoESettings, cap: int) -> tuple[jax.Array
 
 
 ROUTERS: dict[str, Router] = {
-    r.name: r for r in (
-        Router("topk", _token_choice, _token_choice_assign, causal=True,
-               dispatches=("capacity", "dropless"),
-               description="token choice, softmax top-k (top_k=1 is Switch)"),
-        Router("expert_choice", _expert_choice, _expert_choice_assign, causal=False,
-               dispatches=("capacity",),
-               description="expert choice: each expert takes its top-capacity tokens"),
+    r.name: r
+    for r in (
+        Router(
+            "topk",
+            _token_choice,
+            _token_choice_assign,
+            causal=True,
+            dispatches=("capacity", "dropless"),
+            description="token choice, softmax top-k (top_k=1 is Switch)",
+        ),
+        Router(
+            "expert_choice",
+            _expert_choice,
+            _expert_choice_assign,
+            causal=False,
+            dispatches=("capacity",),
+            description="expert choice: each expert takes its top-capacity tokens",
+        ),
     )
 }
 
@@ -91,8 +120,14 @@ def _psum(tree: dict[str, jax.Array], axes: tuple[str, ...]) -> dict[str, jax.Ar
 
 
 def moe_shard(
-    x_bld: jax.Array, logits_ble: jax.Array, w: Weights, *, s: MoESettings, act: Activation,
-    capacity_factor: float, axes: ShardAxes,
+    x_bld: jax.Array,
+    logits_ble: jax.Array,
+    w: Weights,
+    *,
+    s: MoESettings,
+    act: Activation,
+    capacity_factor: float,
+    axes: ShardAxes,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Routed experts on one shard: ``x (b, l, d)``, float32 ``logits (b, l, E)`` and the local
     experts' weights -> ``(y (b, l, d), aux)``; aux values are global over the batch axes."""
