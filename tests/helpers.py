@@ -18,6 +18,11 @@ def set_fields(config: ConfigDict, overrides: dict) -> ConfigDict:
     return config
 
 
+def tiny(**overrides) -> ConfigDict:
+    """The tiny config (``configs/base.py:swiglu,size=tiny``) with dotted ``overrides``."""
+    return set_fields(get_config("swiglu,size=tiny"), overrides)
+
+
 def tiny_model_cfg(**overrides) -> ConfigDict:
     """The tiny config's ``model`` block, vocabulary 97 (unpadded), with ``overrides``."""
     cfg = get_config("swiglu,size=tiny").model

@@ -5,15 +5,10 @@ import dataclasses
 
 import pytest
 
-from configs.base import get_config
 from ffn_jax import ffn, spec
 from ffn_jax.data import train_bpe
 from ffn_jax.spec import ConfigError, config_diff, config_field_names, from_config
-from tests.helpers import set_fields
-
-
-def tiny(**overrides):
-    return set_fields(get_config("swiglu,size=tiny"), overrides)
+from tests.helpers import tiny
 
 
 def test_every_problem_of_every_section_at_once():

@@ -15,13 +15,9 @@ from configs.base import get_config
 from ffn_jax import data
 from ffn_jax.configuration import ConfigError, validate_config
 from ffn_jax.metrics import read_metrics
-from tests.helpers import set_fields, train
+from tests.helpers import tiny, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(**overrides):
-    return set_fields(get_config("swiglu,size=tiny"), overrides)
 
 
 def read_json(*parts):
