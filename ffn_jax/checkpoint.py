@@ -4,12 +4,22 @@ A checkpoint holds three items: ``state`` (model + optimiser, as a pure dict of 
 PRNG keys stored as their raw key data), ``meta`` (JSON: step, tokens seen, ...) and
 ``data`` (the grain iterator state, one file per process). Restoring tries the newest
 step first and falls back to older ones if a checkpoint is corrupt or partial.
+
+Integrity: once a save has committed, ``checkpoints/manifests/<step>.json`` records the
+sha256 of every file of that step. A restore checks the step against it first, so flipped
+bytes are a corrupt checkpoint (skipped, never loaded), not a silently different model. A
+step that fails (checksum or restore) is moved to ``checkpoints/corrupt/`` on a
+single-process run, so training from the older step can save that step again and finish.
+Steps saved before manifests existed restore unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
 
 import grain
 import jax
@@ -80,6 +90,66 @@ class Checkpointer:
         """Saved steps, oldest first."""
         return sorted(self.manager.all_steps())
 
+    def _manifest(self, step: int) -> str:
+        return os.path.join(self.directory, "manifests", f"{step}.json")
+
+    def _digests(self, step: int) -> dict[str, str]:
+        """sha256 of every file of ``step``, by path relative to the step directory."""
+        root, out = os.path.join(self.directory, str(step)), {}
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(block)
+                out[os.path.relpath(path, root)] = h.hexdigest()
+        return dict(sorted(out.items()))
+
+    def seal(self) -> None:
+        """Write the manifest of every committed step that has none (process 0)."""
+        if jax.process_index() != 0:
+            return
+        for step in self.steps():
+            path = self._manifest(step)
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(self._digests(step), f, indent=1)
+                os.replace(path + ".tmp", path)
+
+    def verify(self, step: int) -> str | None:
+        """Why ``step`` does not match its manifest (None: it matches, or has none)."""
+        path = self._manifest(step)
+        if not os.path.exists(path):
+            log.info(
+                "checkpoint step %d has no manifest (saved before manifests existed); "
+                "restoring it unverified",
+                step,
+            )
+            return None
+        with open(path) as f:
+            want = json.load(f)
+        got = self._digests(step)
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        return f"{len(bad)} file(s) differ from its manifest, e.g. {bad[0]}" if bad else None
+
+    def _quarantine(self, step: int) -> None:
+        """Move a failed step out of orbax's view (single process only), with its manifest."""
+        if jax.process_count() > 1:
+            return
+        dest = os.path.join(self.directory, "corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), dest)
+            if os.path.exists(self._manifest(step)):
+                os.rename(self._manifest(step), os.path.join(dest, "manifest.json"))
+        except OSError as e:  # e.g. a read-only run evaluated: skip it, leave it in place
+            log.warning("could not move the failed checkpoint step %d aside (%s)", step, e)
+            return
+        self.manager.reload()
+        log.warning("moved the failed checkpoint step %d to %s", step, dest)
+
     def save(self, step: int, state: nnx.State, meta: dict, data_iter=None, force=False) -> bool:
         """Save (asynchronously) if ``step`` is due or ``force``; True if a save started."""
         items = {
@@ -88,6 +158,10 @@ class Checkpointer:
         }
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if not (force or self.manager.should_save(step)):
+            return False
+        self.manager.wait_until_finished()  # the previous save has committed: seal it
+        self.seal()
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, state: nnx.State, data_iter=None, step: int | None = None):
@@ -108,22 +182,28 @@ class Checkpointer:
             }
             if data_iter is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-            try:
-                out = self.manager.restore(s, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            problem = self.verify(s)
+            if problem is None:
+                try:
+                    out = self.manager.restore(s, args=ocp.args.Composite(**items))
+                except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if problem is not None:
                 log.warning(
-                    "checkpoint step %d in %s could not be restored (%s: %s); trying an older one",
+                    "checkpoint step %d in %s is unusable (%s); trying an older one",
                     s,
                     self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
+                    problem,
                 )
-                errors.append(f"step {s}: {type(e).__name__}")
+                errors.append(f"step {s}: {problem}")
+                if step is None:
+                    self._quarantine(s)
                 continue
             return from_saveable(state, out["state"]), dict(out["meta"]), s
         raise RuntimeError(
             f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
-            "resume with the process count that saved it, or point --workdir elsewhere"
+            "if the run's config or process count changed since it saved them, restore with "
+            "those, else point --workdir elsewhere"
         )
 
     def wait(self) -> None:
@@ -132,4 +212,5 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self.seal()
         self.manager.close()

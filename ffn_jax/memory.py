@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import TYPE_CHECKING
 
 import jax
@@ -130,6 +131,42 @@ def estimate(spec: RunSpec, state, mesh: jax.sharding.Mesh, rules) -> dict[str, 
     }
     out["total"] = sum(out.values())
     return out
+
+
+FIT_MARGIN = 1.5  # refuse only when the estimate exceeds the device by more than its error
+
+
+def device_capacity() -> int | None:
+    """Bytes one local device can hold: the accelerator's allocator limit, or on CPU the
+    host's physical memory shared by its (simulated) devices; None if unknown."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if dev.platform == "cpu":
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+        return ram // jax.local_device_count()
+    return None
+
+
+def check_fits(est: dict[str, int], capacity: int | None = None) -> None:
+    """Raise ConfigError, with the numbers, when the estimate ``est`` (``estimate``) exceeds
+    a device's memory by more than ``FIT_MARGIN`` (the estimate is within about 0.7-1.4x of
+    XLA's figure, so a closer call is left to XLA)."""
+    from ffn_jax.spec import ConfigError
+
+    capacity = device_capacity() if capacity is None else capacity
+    if capacity is None or est["total"] <= FIT_MARGIN * capacity:
+        return
+    parts = ", ".join(f"{k} {_mib(v)}" for k, v in est.items() if k != "total")
+    raise ConfigError(
+        f"a training step needs about {_mib(est['total'])} per device ({parts}) but a device "
+        f"holds {_mib(capacity)}; lower data.batch_size or data.seq_len, set model.remat=full "
+        "or train.grad_accum, or shard more (mesh.shape)"
+    )
 
 
 def compiled_bytes(compiled) -> dict[str, int] | None:

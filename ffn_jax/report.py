@@ -104,17 +104,25 @@ def _pm(key: str, digits: int) -> Callable[[dict], str]:
 
 
 def _delta(r: dict) -> str:
-    if r["significant"] in ("baseline", "no relu"):
+    if r["significant"] in ("baseline", "no finished relu"):
         return "—"
     return f"{r['d_test_loss']:+.4f} ± {r['d_test_loss_se']:.4f}"
+
+
+def _marks(r: dict) -> str:
+    out = "" if r["causal"] else " (non-causal!)"
+    if r["step"] < r["target_steps"]:
+        out += f" (unfinished: step {r['step']} of {r['target_steps']})"
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Column:
     """One report column: ``key`` in the run record; ``agg`` how runs of a group combine
     (``"first"``: equal across seeds, ``"seeds"``: mean and sample std -> ``key_mean`` /
-    ``key_std``, ``"mean"``: mean of the runs that have it, ``"paired"``: the paired test
-    against the baseline); ``header``/``cell`` its markdown column (None: CSV only)."""
+    ``key_std``, ``"mean"``: mean of the runs that have it, ``"min"``: the smallest,
+    ``"paired"``: the paired test against the baseline); ``header``/``cell`` its markdown
+    column (None: CSV only)."""
 
     key: str
     agg: str
@@ -123,12 +131,7 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column(
-        "label",
-        "first",
-        "variant",
-        lambda r: r["label"] + ("" if r["causal"] else " (non-causal!)"),
-    ),
+    Column("label", "first", "variant", lambda r: r["label"] + _marks(r)),
     Column("seeds", "first"),
     Column("causal", "first"),
     Column(
@@ -145,6 +148,8 @@ COLUMNS: tuple[Column, ...] = (
         lambda r: f"{r['flops_per_token'] / 1e6:.2f}",
     ),
     Column("tokens", "first"),
+    Column("step", "min"),  # the least-trained run of the group (eval.json's step)
+    Column("target_steps", "first"),
     *(Column(f"{split}_{k}", "seeds") for split in SPLITS for k in METRICS),
     Column("d_test_loss", "paired", "Δ test loss vs relu", _delta),
     Column("significant", "paired", "sig. (95%)", lambda r: r["significant"]),
@@ -219,6 +224,8 @@ def collect(run_dirs: list[str]) -> list[dict]:
             "seed": spec.group.get("seed", spec.seed),
             "causal": m.moe is None or ROUTERS[m.moe.router].causal,
             "tokens": spec.train.steps * spec.tokens_per_step,
+            "step": int(ev["step"]),
+            "target_steps": spec.train.steps,
             "flops_per_token": flops_per_token(m, spec.data.seq_len)["train"],
             **param_counts(m),
             **_throughput(rows),
@@ -259,7 +266,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         by_label[r["label"]].append(r)
     base: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in records:
-        if r["variant"] == BASELINE:
+        if r["variant"] == BASELINE and r["step"] >= r["target_steps"]:  # finished runs only
             base[_axes_key(r["group"])][r["seed"]] = r["test_loss"]
     rows = []
     for label, runs in by_label.items():
@@ -271,7 +278,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         elif paired:
             test = _paired_test(paired)
         else:
-            test = (float("nan"), float("nan"), "no relu")
+            test = (float("nan"), float("nan"), "no finished relu")
         row: dict[str, Any] = {"variant": label, "seeds": len(runs)}
         row.update({k: v for k, v in first["group"].items() if k not in ("variant", "seed")})
         for col in COLUMNS:
@@ -281,6 +288,8 @@ def aggregate(records: list[dict]) -> list[dict]:
                 vals = [r[col.key] for r in runs]
                 row[f"{col.key}_mean"] = float(np.mean(vals))
                 row[f"{col.key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+            elif col.agg == "min":
+                row[col.key] = min(r[col.key] for r in runs)
             elif col.agg == "mean":
                 vals = [r[col.key] for r in runs if r[col.key] is not None]
                 row[col.key] = float(np.mean(vals)) if vals else float("nan")
@@ -396,7 +405,8 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
         f"# FFN variant comparison\n\n{len(records)} runs, {len(rows)} variants, "
         f"{tokens[0]:,} training tokens per run. Mean ± std over seeds; "
         "Δ = paired (same seed) difference of test loss from relu ± its standard "
-        "error; sig. = paired t-test at 95%.\n\n"
+        "error; sig. = paired t-test at 95%. A run evaluated before its target step is "
+        "marked unfinished and never used as the baseline.\n\n"
         f"{provenance_line(run_dirs)}\n\n"
     )
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:

@@ -3,6 +3,7 @@ building and restoring its state.
 
 Workdir of a run (the contract in ``../shared/DESIGN.md``)::
 
+    .lock           held by the process training into the directory (``WorkdirLock``)
     config.json     the resolved config (JSON; read back with ``load_spec``)
     run.json        provenance: git commit, library versions, devices (written at start)
     metrics.jsonl   one JSON object per logged step (``ffn_jax.metrics``)
@@ -14,10 +15,12 @@ Workdir of a run (the contract in ``../shared/DESIGN.md``)::
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import platform
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,23 +70,91 @@ def load_spec(workdir: str, mesh_shape: dict[str, int] | None = None) -> RunSpec
     return from_config(read_json(path), mesh_shape=mesh_shape)
 
 
-def check_workdir(spec: RunSpec, workdir: str, resume: bool) -> None:
+def _move_aside(workdir: str, why: str) -> None:
+    if jax.process_index() != 0:
+        return
+    aside = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(workdir, aside)
+    log.warning("%s: moved the existing run in %s to %s", why, workdir, aside)
+
+
+def check_workdir(spec: RunSpec, workdir: str, resume: bool) -> bool:
     """Refuse an incompatible existing run in ``workdir``; with ``resume=False`` move the old
-    run aside to ``<workdir>.old-<time>`` instead, so nothing is lost."""
+    run aside to ``<workdir>.old-<time>`` instead, so nothing is lost. A run that stopped
+    before its first checkpoint has nothing to resume: a new config moves it aside too.
+    Returns whether the old run was moved aside."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        return
-    diff = config_diff(read_json(path), dict(spec.source))
+        return False
+    try:
+        old = read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} is not a readable config ({e}); move the run aside or use a new --workdir"
+        ) from None
+    diff = config_diff(old, dict(spec.source))
+    if resume and diff and latest_step(workdir) is None:
+        _move_aside(workdir, f"no checkpoint to resume and a new config ({diff[0]})")
+        return True
     if resume and diff:
         raise ConfigError(
             f"--workdir={workdir} holds a run with a different config ({'; '.join(diff[:4])}"
             f"{'; ...' if len(diff) > 4 else ''}); use a new --workdir, or pass "
             "--config.train.resume=False to move the old run aside and start over"
         )
-    if not resume and jax.process_index() == 0:
-        aside = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(workdir, aside)
-        log.warning("train.resume=False: moved the existing run in %s to %s", workdir, aside)
+    if not resume:
+        _move_aside(workdir, "train.resume=False")
+    return not resume
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another process is training into the workdir."""
+
+
+class WorkdirLock:
+    """An OS file lock on ``workdir/.lock`` held while a run trains into ``workdir``, so a
+    second ``train.py`` on the same directory stops with one line naming the holder instead
+    of training into the same files. Process 0 holds it for a multi-host job; the lock is
+    released by the OS when the holder exits, however it exits."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        busy = ""
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = os.read(fd, 256).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+            else:
+                self._fd = fd
+                os.ftruncate(fd, 0)
+                os.write(
+                    fd,
+                    f"pid {os.getpid()} on {socket.gethostname()} since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+                )
+        if jax.process_count() > 1:  # every process stops if process 0 could not lock
+            from jax.experimental import multihost_utils
+
+            busy = "another job" if multihost_utils.broadcast_one_to_all(bool(busy)) else ""
+        if busy:
+            raise WorkdirBusyError(
+                f"--workdir={os.path.dirname(self.path)} is in use by {busy}; "
+                "wait for that run to end or use another --workdir"
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _git_commit() -> str | None:

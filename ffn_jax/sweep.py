@@ -210,7 +210,15 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
             log.info("[%d/%d] %s: finished, skipped", i + 1, len(all_runs), name)
             continue
         log.info("[%d/%d] %s: training", i + 1, len(all_runs), name)
-        results.append({"name": name, **train_and_evaluate(spec, run_dir)})
+        result = train_and_evaluate(spec, run_dir)
+        results.append({"name": name, **result})
+        if result["preempted"]:  # a signal stops the sweep, not just this run
+            log.warning(
+                "stopped the sweep after saving %s at step %d; rerun the same command to continue",
+                name,
+                result["step"],
+            )
+            break
     return results
 
 

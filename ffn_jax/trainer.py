@@ -30,7 +30,13 @@ from ffn_jax.flops import flops_per_token, peak_flops
 from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import lm_loss
 from ffn_jax.optim import make_schedule
-from ffn_jax.run import build_run_state, check_workdir, provenance, write_config
+from ffn_jax.run import (
+    WorkdirLock,
+    build_run_state,
+    check_workdir,
+    provenance,
+    write_config,
+)
 from ffn_jax.spec import RunSpec, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -135,12 +141,20 @@ class _Preemption:
 
 
 def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
-    """Train the run ``spec`` into ``workdir`` (resuming if it holds a compatible run).
+    """Train the run ``spec`` into ``workdir`` (resuming if it holds a compatible run),
+    holding the workdir's lock throughout.
 
     Returns the final metrics (last training window and validation results).
     """
+    with WorkdirLock(workdir):  # checked under the lock: never move a live run aside
+        if not check_workdir(spec, workdir, spec.train.resume):
+            return _train_and_evaluate(spec, workdir)
+    with WorkdirLock(workdir):  # the old run (and its lock) moved aside: lock the new one
+        return _train_and_evaluate(spec, workdir)
+
+
+def _train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     t = spec.train
-    check_workdir(spec, workdir, t.resume)
     prep = data_lib.prepare(spec.data, workdir)
     if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
         raise ValueError(
@@ -148,9 +162,9 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
             f"{prep.tokenizer.vocab_size} ids, not the "
             f"{spec.model.tokenizer_vocab} expected; set data.vocab_size to match"
         )
-    write_config(spec, workdir)
-
     rs = build_run_state(spec)
+    memory.check_fits(memory.estimate(spec, rs.state, rs.mesh, rs.rules))
+    write_config(spec, workdir)
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
     pcount, pindex = jax.process_count(), jax.process_index()
@@ -169,6 +183,7 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
         state, meta, step = restored
         tokens_seen, time_before = meta["tokens_seen"], meta["train_time_s"]
         log.info("resumed %s from step %d", workdir, step)
+    first_step, signalled = step, None
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
         jitted = jax.jit(
@@ -286,8 +301,9 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
                         "signal %d: saved a checkpoint at step %d, exiting", pre.signal, step
                     )
                     writer.write(step, {"event": "preempted", "signal": pre.signal})
+                    signalled = pre.signal
                     break
-            if step == t.steps:
+            if step == t.steps and step > first_step:  # not again when rerun once finished
                 train_time = time_before + time.perf_counter() - t_start
                 writer.write(
                     step, {"event": "end", "train_time_s": train_time, "tokens": tokens_seen}
@@ -296,7 +312,11 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
         bar.close()
         ckpt.close()
         writer.close()
-    return {"step": step, **{f"val_{k}": v for k, v in last_eval.items()}}
+    return {
+        "step": step,
+        "preempted": signalled is not None,
+        **{f"val_{k}": v for k, v in last_eval.items()},
+    }
 
 
 def _check_finite(host_window: list[dict], step: int, ckpt: Checkpointer) -> None:
@@ -306,6 +326,7 @@ def _check_finite(host_window: list[dict], step: int, ckpt: Checkpointer) -> Non
         kept = ckpt.steps()
         raise NonFiniteLossError(
             f"training loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped. "
-            f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower train.lr or set "
-            "train.grad_clip, then rerun to resume from it"
+            f"Last good checkpoint: {kept[-1] if kept else 'none'}. Train again with a lower "
+            "train.lr or a train.grad_clip: add --config.train.resume=False, which moves this "
+            "run aside (a changed config cannot resume it)"
         )

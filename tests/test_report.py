@@ -19,6 +19,8 @@ def record(variant, seed, test_loss, **group):
         "seed": seed,
         "causal": variant != "ec",
         "tokens": 1000,
+        "step": 10,
+        "target_steps": 10,
         "flops_per_token": 2e6,
         "params_total": 10_000_000,
         "params_active": 5_000_000,
@@ -62,7 +64,7 @@ def test_paired_test_edge_cases():
     assert report._paired_test([0.1, -0.1])[2] == "no"
     recs = [record("swiglu", 0, 2.0)]  # no baseline in the sweep
     (row,) = report.aggregate(recs)
-    assert row["significant"] == "no relu" and math.isnan(row["d_test_loss"])
+    assert row["significant"] == "no finished relu" and math.isnan(row["d_test_loss"])
 
 
 def test_axes_make_groups_paired_at_the_same_value():
@@ -106,3 +108,16 @@ def test_csv_fields_cover_every_column():
             assert {f"{col.key}_mean", f"{col.key}_std"} <= set(fields)
         elif col.key not in ("label",):
             assert col.key in fields, col.key
+
+
+def test_unfinished_runs_are_marked_and_never_a_baseline():
+    recs = [record("relu", s, v) for s, v in enumerate(RELU)]
+    recs += [record("swiglu", s, v) for s, v in enumerate(SWIGLU)]
+    recs[0]["step"] = 6  # relu seed 0 stopped early (a signal, a fallback)
+    rows = {r["variant"]: r for r in report.aggregate(recs)}
+    assert rows["relu"]["step"] == 6 and rows["swiglu"]["step"] == 10
+    diffs = np.array(SWIGLU[1:]) - np.array(RELU[1:])  # seed 0 is left out of the pairing
+    assert rows["swiglu"]["d_test_loss"] == pytest.approx(diffs.mean())
+    table = report.markdown_table(list(rows.values()))
+    assert "| relu (unfinished: step 6 of 10) |" in table
+    assert "| swiglu |" in table

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +173,27 @@ def test_sweep_over_the_learning_rate_gives_one_group_per_value(tmp_path):
     assert rows["relu lr=0.003"]["significant"] == "baseline"
     assert rows["swiglu lr=0.003"]["significant"] == "n/a (1 seed)"  # paired with relu at 3e-3
     assert rows["relu lr=0.001"]["test_loss_mean"] != rows["relu lr=0.003"]["test_loss_mean"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_whole_sweep_after_saving(tmp_path):
+    workdir = tmp_path / "sweep"
+    flags = [*SWEEP_FLAGS, "--config.train.steps=2000", "--config.train.checkpoint_every=1000"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *flags, f"--workdir={workdir}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "relu-s0" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and "loss" in metrics.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped the sweep after saving relu-s0" in err
+    assert not (workdir / "swiglu-s0").exists()  # the next run was not started
+    saved = [d for d in os.listdir(workdir / "relu-s0" / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and 0 < int(saved[0]) < 2000

@@ -259,7 +259,9 @@ def test_resume_false_moves_old_run_aside(tmp_path):
     assert read_json(workdir, "config.json")["model"]["ffn"] == "relu"
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+def test_corrupt_latest_checkpoint_falls_back_and_finishes(tmp_path, caplog):
+    """A broken step 20 falls back to step 10, and the rerun (the same command) trains steps
+    11..20 again and saves step 20 anew: the broken one is moved aside, not collided with."""
     workdir = str(tmp_path / "run")
     c = tiny(
         **{
@@ -276,11 +278,45 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    c.train.steps = 25
+    first = losses(workdir)
     train(c, workdir)
-    assert any("could not be restored" in r.message for r in caplog.records)
-    # Resumed from step 10: steps 11..25 were (re)trained.
-    assert max(losses(workdir)) == 25
+    assert any("is unusable" in r.message for r in caplog.records)
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 21)) + list(range(11, 21))  # resumed at 10
+    assert rows[-1]["loss"] == first[20]  # the retrained steps repeat the first ones exactly
+    assert os.listdir(os.path.join(workdir, "checkpoints", "corrupt"))[0].startswith("20-")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "manifests"))) == [
+        "10.json",
+        "20.json",
+    ]
+
+
+def test_a_flipped_byte_is_caught_by_the_manifest(tmp_path, caplog):
+    """One flipped bit in the array data restores without an error from orbax; the
+    checksum manifest catches it, and the model is restored from the older step."""
+    from ffn_jax.run import restore
+
+    workdir = str(tmp_path / "run")
+    c = tiny(
+        **{
+            "train.steps": 4,
+            "train.warmup_steps": 1,
+            "train.eval_every": 0,
+            "train.checkpoint_every": 2,
+            "train.final_eval": False,
+        }
+    )
+    train(c, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.seek(os.path.getsize(biggest) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert restore(workdir).step == 2
+    assert any("differ from its manifest" in r.message for r in caplog.records)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
