@@ -13,7 +13,7 @@ prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 
 from absl import app, flags  # noqa: E402
 
-from ffn_jax.cli import run_eval, run_inspect  # noqa: E402
+from ffn_jax.cli import parse_flags, run_eval, run_inspect  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A run directory or a sweep directory.", required=True)
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -59,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

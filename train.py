@@ -19,7 +19,7 @@ prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ffn_jax.cli import run_train  # noqa: E402
+from ffn_jax.cli import parse_flags, run_train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config file[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

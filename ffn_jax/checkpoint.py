@@ -171,6 +171,10 @@ class Checkpointer:
         explicit ``step``, a checkpoint that fails to restore is skipped with a warning and
         the next older one is tried; if all fail, raises RuntimeError.
         """
+        if step is not None and step not in self.steps():
+            raise FileNotFoundError(
+                f"{self.directory} holds no checkpoint of step {step}; saved steps: {self.steps()}"
+            )
         candidates = [step] if step is not None else list(reversed(self.steps()))
         if not candidates:
             return None

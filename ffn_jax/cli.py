@@ -28,6 +28,62 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _message(e: Exception) -> str:
+    """The line to print for ``e``: a system error (a workdir that is a file, a read-only
+    directory) as path, reason and fix; the project's own errors as they are."""
+    if isinstance(e, OSError) and e.errno is not None and e.filename:
+        return (
+            f"{e.filename}: {e.strerror}; --workdir and data.cache_dir must be writable "
+            "directories (or creatable)"
+        )
+    return str(e)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line: the innermost wrapped exception's text, the last
+    line of an embedded traceback."""
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if "Traceback (most recent call last)" in text:
+        text = text.strip().splitlines()[-1]
+    return " ".join(text.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing for the entry points (``app.run(main, flags_parser=parse_flags)``),
+    every error as one ``error:`` line and exit 2: a typo in a ``--config.`` override (with
+    ml_collections' suggestion), a missing or broken config file, an unknown flag."""
+    from absl import flags
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    config_arg = given[-1] if given else None  # the last one wins, as in absl
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS:
+            _ = flags.FLAGS.config.keys()  # a config file that failed to load raises here
+        return rest
+    except flags.Error as e:
+        _fail(f"{_one_line(e)} (see --helpfull)", 2)
+    except (AttributeError, KeyError) as e:  # an override naming no field of the config
+        _fail(
+            f"a --config.* override names no field of the config: {_one_line(e)}; the "
+            "fields are in configs/base.py",
+            2,
+        )
+    except OSError as e:  # the config file could not be loaded
+        cause = e.__cause__ or e
+        _fail(
+            f"--config={config_arg}: the config file could not be loaded "
+            f"({type(cause).__name__}: {_one_line(cause)[:300]}); give an existing "
+            "configs/<name>.py[:arg]",
+            2,
+        )
+    except (TypeError, ValueError) as e:  # an override of the wrong type, a bad config arg
+        _fail(_one_line(e), 2)
+    raise AssertionError("unreachable")
+
+
 def run_train(config: ConfigDict, workdir: str) -> None:
     """Train ``config`` (a single run, or every run of a sweep config) into ``workdir``."""
     _setup_logging()
@@ -45,8 +101,8 @@ def run_train(config: ConfigDict, workdir: str) -> None:
             print(json.dumps(result))
     except ConfigError as e:
         _fail(str(e).replace("\n", "\nerror: "), 2)
-    except (FileNotFoundError, ValueError, distributed.DistributedInitError) as e:
-        _fail(str(e), 2)
+    except (OSError, ValueError, distributed.DistributedInitError) as e:
+        _fail(_message(e), 2)
     except (NonFiniteLossError, RuntimeError) as e:  # RuntimeError: no restorable checkpoint
         _fail(str(e), 1)
 
@@ -83,8 +139,8 @@ def run_eval(
             print(sweep.evaluate_sweep(workdir))
         else:
             print(json.dumps(evaluate_run(workdir, step), indent=2))
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(str(e), 2)
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:
+        _fail(_message(e), 2)
 
 
 def run_inspect(
@@ -115,5 +171,5 @@ def run_inspect(
             step=step,
         )
         print(os.path.join(workdir, "inspect.md"))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        _fail(str(e), 2)
+    except (ConfigError, OSError, ValueError) as e:
+        _fail(_message(e), 2)

@@ -118,7 +118,14 @@ def score_splits(
     }
     out = {"step": step, "name": spec.name, **results}
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
+        try:
+            write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
+        except OSError as e:  # a read-only run: the scores are still returned and printed
+            log.warning(
+                "could not write %s (%s); the scores are printed only",
+                os.path.join(workdir, EVAL_FILE),
+                e.strerror or e,
+            )
     return out
 
 

@@ -52,8 +52,16 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON in ``path``; ValueError naming the file and the position if it is corrupt."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+            f"{e.colno}); restore it or move the run aside"
+        ) from None
 
 
 # ---- the run's config ---------------------------------------------------------------------

@@ -571,8 +571,11 @@ def from_config(
         )
     p += _train_problems(t, d["batch_size"])
     model = mesh = None
+    vocab = data_lib.tokenizer_vocab_size(d["tokenizer"], d["vocab_size"])
+    if vocab is None and p:
+        vocab = 1  # the tokenizer's problem is listed above; check the rest of the model
     try:
-        model = model_spec(m, data_lib.tokenizer_vocab_size(d["tokenizer"], d["vocab_size"]))
+        model = model_spec(m, vocab)
     except ConfigError as e:
         p += e.problems
     try:

@@ -120,7 +120,8 @@ class _Profiler:
 
 
 class _Preemption:
-    """Turns SIGTERM / SIGINT into a flag the loop checks once per step."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks once per step (and start-up checks
+    before the loop). A second Ctrl-C aborts at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -133,6 +134,8 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -146,14 +149,17 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
 
     Returns the final metrics (last training window and validation results).
     """
-    with WorkdirLock(workdir):  # checked under the lock: never move a live run aside
-        if not check_workdir(spec, workdir, spec.train.resume):
-            return _train_and_evaluate(spec, workdir)
-    with WorkdirLock(workdir):  # the old run (and its lock) moved aside: lock the new one
-        return _train_and_evaluate(spec, workdir)
+    # Signals are caught from the start: one during start-up (data, XLA compilation) is
+    # acted on once that returns, instead of a KeyboardInterrupt inside jax.
+    with _Preemption() as pre:
+        with WorkdirLock(workdir):  # checked under the lock: never move a live run aside
+            if not check_workdir(spec, workdir, spec.train.resume):
+                return _train_and_evaluate(spec, workdir, pre)
+        with WorkdirLock(workdir):  # the old run (and its lock) moved aside: lock the new one
+            return _train_and_evaluate(spec, workdir, pre)
 
 
-def _train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
+def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     t = spec.train
     prep = data_lib.prepare(spec.data, workdir)
     if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
@@ -228,8 +234,11 @@ def _train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
     t_start = t_window = time.perf_counter()
     data_s = 0.0  # host time spent getting batches in the current log window
     try:
-        with _Preemption() as pre, jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
-            while step < t.steps:
+        if pre.signal is not None:  # arrived during start-up: nothing new to save
+            log.warning("signal %d during start-up: exiting before training", pre.signal)
+            signalled = pre.signal
+        with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
+            while step < t.steps and signalled is None:
                 profiler.maybe_start(step)
                 t_data = time.perf_counter()
                 batch = data_lib.to_global(next(train_iter), rs.mesh, rs.batch_sharding.spec)

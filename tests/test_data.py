@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -539,3 +540,20 @@ def test_bits_per_byte_by_hand():
     assert data.bits_per_byte(n * math.log(257), n) == pytest.approx(math.log2(257))
     with pytest.raises(ValueError):
         data.bits_per_byte(1.0, 0)
+
+
+def test_corrupt_shard_metadata_is_rebuilt(tmp_path, text_cfg):
+    cfg = text_cfg()
+    first = data.prepare(cfg)
+    meta = first.splits["train"].path.with_suffix(".json")
+    meta.write_text("{not json")
+    again = data.prepare(cfg)
+    assert again.splits["train"].n_tokens == first.splits["train"].n_tokens
+    assert json.loads(meta.read_text())["n_tokens"] == first.splits["train"].n_tokens
+
+
+def test_a_binary_tokenizer_file_is_one_line_naming_it(tmp_path, text_cfg):
+    path = tmp_path / "tok.json"
+    path.write_bytes(bytes(range(256)))
+    (problem,) = data.validate(text_cfg(tokenizer=str(path)))
+    assert problem.startswith(f"data.tokenizer={str(path)!r}: not a tokenizers JSON file")

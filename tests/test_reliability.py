@@ -103,3 +103,94 @@ def test_a_start_that_cannot_fit_is_refused_before_anything_is_written(tmp_path)
     with pytest.raises(ConfigError, match=r"a training step needs about [\d,.]+ GiB"):
         train(tiny(**{"data.seq_len": 20000, "model.max_seq_len": 20000}), str(workdir))
     assert not (workdir / "config.json").exists()
+
+
+def test_a_signal_during_start_up_exits_cleanly(tmp_path, monkeypatch):
+    """SIGTERM while the run starts (here: during data preparation; in practice often during
+    XLA compilation) is acted on once start-up returns: no traceback, nothing trained, the
+    signal handlers restored afterwards."""
+    import signal
+
+    from ffn_jax import data as data_lib
+
+    real_prepare = data_lib.prepare
+
+    def prepare_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(data_lib, "prepare", prepare_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    result = train(tiny(**{"train.steps": 4, "train.warmup_steps": 1}), str(tmp_path / "run"))
+    assert result["preempted"] and result["step"] == 0
+    assert not [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(
+    "flag, text",
+    [
+        ("--config.train.stpes=5", "names no field of the config: 'stpes' Did you mean \"steps\""),
+        ("--config.train.steps=abc", "flag --config.train.steps=abc: invalid literal for int()"),
+        (
+            "--config=configs/nope.py",
+            "--config=configs/nope.py: the config file could not be loaded",
+        ),
+        (
+            "--config=configs/base.py:swiglu,size=huge",
+            "config arg size='huge' is not a size preset",
+        ),
+        ("--nope=1", "Unknown command line flag 'nope'"),
+    ],
+)
+def test_bad_flags_are_one_error_line(tmp_path, flag, text):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/base.py:swiglu,size=tiny",
+            f"--workdir={tmp_path / 'run'}",
+            flag,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_config_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model": ')
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON"), last
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/base.py:swiglu,size=tiny",
+            f"--workdir={tmp_path / 'file' / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'file'}") and "Not a directory" in last, last

@@ -383,3 +383,11 @@ def test_dropout_trains_through_the_trainer(tmp_path):
     )
     rows = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert result["step"] == 12 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_eval_of_a_step_that_was_not_saved_lists_the_saved_ones(trained):
+    workdir, _ = trained
+    proc = run_cli("eval.py", f"--workdir={workdir}", "--step=999")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "holds no checkpoint of step 999; saved steps: [100, 150]" in last, last

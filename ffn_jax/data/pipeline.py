@@ -141,6 +141,11 @@ def validate(cfg: DataSpec) -> list[str]:
     tok = str(cfg.tokenizer)
     if tok.endswith(".json") and not os.path.isfile(os.path.expanduser(tok)):
         problems.append(f"data.tokenizer={tok!r}: no such file; give an existing tokenizer.json")
+    elif tok.endswith(".json"):
+        try:
+            BPETokenizer.from_file(os.path.expanduser(tok), source=f"data.tokenizer={tok!r}")
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -155,7 +160,7 @@ def tokenizer_vocab_size(tokenizer: str, vocab_size: int) -> int | None:
     if not path.is_file():
         return None
     try:
-        return BPETokenizer(path.read_text(encoding="utf-8"), source=str(path)).vocab_size
+        return BPETokenizer.from_file(path).vocab_size
     except (OSError, ValueError):
         return None
 
@@ -165,7 +170,7 @@ def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) 
         return ByteTokenizer()
     run_copy = Path(workdir) / "tokenizer.json" if workdir else None
     if run_copy is not None and run_copy.exists():
-        tok = BPETokenizer(run_copy.read_text(encoding="utf-8"), source=str(run_copy))
+        tok = BPETokenizer.from_file(run_copy)
         if cfg.tokenizer == "bpe" and tok.vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"data.vocab_size={cfg.vocab_size} but this run's {run_copy} has "
@@ -176,7 +181,7 @@ def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) 
     if cfg.tokenizer == "bpe":
         cached = cache / "tokenizers" / f"bpe-{cfg.vocab_size}-{digest(corpus.key)}.json"
         if cached.exists():
-            tok = BPETokenizer(cached.read_text(encoding="utf-8"), source=str(cached))
+            tok = BPETokenizer.from_file(cached)
         else:
             tok = train_bpe(corpus.documents("train"), cfg.vocab_size)
             write_text_atomic(cached, tok.json)
@@ -186,7 +191,7 @@ def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) 
             raise FileNotFoundError(
                 f"data.tokenizer={cfg.tokenizer!r}: no such file; give an existing tokenizer.json"
             )
-        tok = BPETokenizer(path.read_text(encoding="utf-8"), source=f"data.tokenizer={str(path)!r}")
+        tok = BPETokenizer.from_file(path, source=f"data.tokenizer={str(path)!r}")
     if run_copy is not None:
         write_text_atomic(run_copy, tok.json)
     return tok

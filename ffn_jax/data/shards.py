@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from ffn_jax.data.tokenizer import Tokenizer
 
 FORMAT = 1
 CHUNK_CHARS = 8 << 20  # characters of text per encode_batch call
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,8 +63,12 @@ def load_shard(path: Path, tokenizer: Tokenizer) -> TokenShard | None:
     meta_path = path.with_suffix(".json")
     if not (meta_path.exists() and path.exists()):
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    dtype = np.dtype(meta["dtype"])
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        dtype = np.dtype(meta["dtype"])
+    except (ValueError, KeyError, TypeError):  # corrupt metadata: rebuild the shard
+        log.warning("%s is corrupt; rebuilding the shard", meta_path)
+        return None
     complete = path.stat().st_size == meta["n_tokens"] * dtype.itemsize
     if meta.get("format") != FORMAT or meta["tokenizer_hash"] != tokenizer.hash or not complete:
         return None

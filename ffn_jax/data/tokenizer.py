@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -87,6 +89,20 @@ class BPETokenizer(Tokenizer):
     unless the tokenizer is byte-level (every token a byte string), has an end-of-text
     token and round-trips text exactly.
     """
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, source: str | None = None) -> BPETokenizer:
+        """The tokenizer in the JSON file ``path`` (ValueError naming the file if it is not
+        UTF-8 text or not a tokenizer)."""
+        source = source or str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{source}: not a tokenizers JSON file (not UTF-8 text); give "
+                "the tokenizer.json that tokenizers saved"
+            ) from None
+        return cls(text, source=source)
 
     def __init__(self, json_text: str, source: str = "data.tokenizer") -> None:
         try:
