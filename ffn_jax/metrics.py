@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, TextIO
 
 import jax
@@ -28,42 +29,82 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+class TensorBoardScalars:
+    """Scalars to a TensorBoard event file in ``logdir``, written in the calling thread.
+
+    tensorboardX's ``SummaryWriter`` writes from a background thread behind a bounded
+    queue: when that thread dies (a full disk), the training loop blocks on the queue
+    forever, deaf to signals. Written here, a failed write is an exception in the loop.
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for name, value in scalars.items():
+            event = event_pb2.Event(  # pyright: ignore[reportAttributeAccessIssue] (protobuf)
+                wall_time=now, step=step, summary=scalar(name, value)
+            )
+            self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors the scalars
-    to TensorBoard (tensorboardX) under ``workdir/tb``."""
+    to TensorBoard event files under ``workdir/tb``. A write that fails (a full disk) raises
+    an OSError naming the file, in the caller's thread."""
 
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
         self._file: TextIO | None = None
-        self._tb: Any = None
+        self._tb: TensorBoardScalars | None = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
             os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, METRICS_FILE)
-            cut = cut_torn_line(path)
+            cut = cut_torn_line(self.path)
             if cut:
                 log.warning(
-                    "%s ended in a torn row (%d bytes, a write cut short); removed it", path, cut
+                    "%s ended in a torn row (%d bytes, a write cut short); removed it",
+                    self.path,
+                    cut,
                 )
-            self._file = open(path, "a")  # noqa: SIM115
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._file = open(self.path, "a")  # noqa: SIM115
+            self._tb = TensorBoardScalars(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log ``metrics`` at ``step``: scalars to TensorBoard, everything to the JSONL file."""
-        if self._file is None:
+        if self._file is None or self._tb is None:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")  # one write per row: whole lines or a torn tail
-        self._file.flush()
-        for k, v in row.items():
-            if k != "step" and isinstance(v, int | float):
-                self._tb.add_scalar(k, v, step)
+        try:
+            self._file.write(json.dumps(row) + "\n")  # one write a row: whole lines or a torn tail
+            self._file.flush()
+            self._tb.write(
+                step, {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+            )
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} (writing the run's metrics)", self.path) from e
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._tb.close()
+        """Close the files; a failure to close (a full disk) is logged, not raised, so that
+        it never hides the error that ended the run."""
+        for f in (self._file, self._tb):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as e:
+                    log.warning("closing the metrics of %s failed: %s", self.path, e)
+        self._file = self._tb = None
 
 
 def cut_torn_line(path: str) -> int:

@@ -194,3 +194,43 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'file'}") and "Not a directory" in last, last
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 3 MiB tmpfs with 16 KiB left (needs root to mount; skipped otherwise)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()[:100]})")
+    try:
+        (mount / "fill").write_bytes(b"\0" * (3 * 2**20 - 16 * 2**10))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_stops_training_with_one_line_instead_of_hanging(full_disk):
+    """The metrics writers fail in the loop's thread: no hang (tensorboardX's writer thread
+    used to die and leave the loop blocked on its queue, deaf to SIGTERM)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/base.py:swiglu,size=tiny",
+            f"--workdir={full_disk / 'run'}",
+            "--config.train.log_every=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {full_disk / 'run'}") and "No space left" in last, last
