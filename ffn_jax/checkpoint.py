@@ -73,6 +73,43 @@ def from_saveable(state: nnx.State, saved: dict) -> nnx.State:
     return state
 
 
+def manifest_path(directory: str, step: int) -> str:
+    """Where the checksum manifest of ``step`` in the checkpoint ``directory`` lives."""
+    return os.path.join(directory, "manifests", f"{step}.json")
+
+
+def step_digests(directory: str, step: int) -> dict[str, str]:
+    """sha256 of every file of ``step``, by path relative to the step directory."""
+    root, out = os.path.join(directory, str(step)), {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(block)
+            out[os.path.relpath(path, root)] = h.hexdigest()
+    return dict(sorted(out.items()))
+
+
+def verify_step(directory: str, step: int) -> str | None:
+    """Why ``step`` in ``directory`` does not match its manifest (None: it matches, or was
+    saved before manifests existed)."""
+    path = manifest_path(directory, step)
+    if not os.path.exists(path):
+        log.info(
+            "checkpoint step %d has no manifest (saved before manifests existed); "
+            "restoring it unverified",
+            step,
+        )
+        return None
+    with open(path) as f:
+        want = json.load(f)
+    got = step_digests(directory, step)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    return f"{len(bad)} file(s) differ from its manifest, e.g. {bad[0]}" if bad else None
+
+
 class Checkpointer:
     """Saves every ``every`` steps (and when forced), keeps the last ``keep``, asynchronously."""
 
@@ -91,20 +128,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def _manifest(self, step: int) -> str:
-        return os.path.join(self.directory, "manifests", f"{step}.json")
-
-    def _digests(self, step: int) -> dict[str, str]:
-        """sha256 of every file of ``step``, by path relative to the step directory."""
-        root, out = os.path.join(self.directory, str(step)), {}
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(dirpath, name)
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 20), b""):
-                        h.update(block)
-                out[os.path.relpath(path, root)] = h.hexdigest()
-        return dict(sorted(out.items()))
+        return manifest_path(self.directory, step)
 
     def seal(self) -> None:
         """Write the manifest of every committed step that has none (process 0)."""
@@ -115,24 +139,12 @@ class Checkpointer:
             if not os.path.exists(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path + ".tmp", "w") as f:
-                    json.dump(self._digests(step), f, indent=1)
+                    json.dump(step_digests(self.directory, step), f, indent=1)
                 os.replace(path + ".tmp", path)
 
     def verify(self, step: int) -> str | None:
         """Why ``step`` does not match its manifest (None: it matches, or has none)."""
-        path = self._manifest(step)
-        if not os.path.exists(path):
-            log.info(
-                "checkpoint step %d has no manifest (saved before manifests existed); "
-                "restoring it unverified",
-                step,
-            )
-            return None
-        with open(path) as f:
-            want = json.load(f)
-        got = self._digests(step)
-        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        return f"{len(bad)} file(s) differ from its manifest, e.g. {bad[0]}" if bad else None
+        return verify_step(self.directory, step)
 
     def _quarantine(self, step: int) -> None:
         """Move a failed step out of orbax's view (single process only), with its manifest."""

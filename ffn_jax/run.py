@@ -229,9 +229,22 @@ def latest_step(workdir: str) -> int | None:
 
 
 def run_is_finished(workdir: str, steps: int) -> bool:
-    """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps``."""
+    """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps`` that matches its
+    checksum manifest (a corrupt final checkpoint is an unfinished run)."""
+    from ffn_jax.checkpoint import verify_step
+
     latest = latest_step(workdir)
-    return latest is not None and latest >= steps
+    if latest is None or latest < steps:
+        return False
+    problem = verify_step(os.path.join(workdir, CHECKPOINT_DIR), latest)
+    if problem:
+        log.warning(
+            "%s: the final checkpoint (step %d) is corrupt (%s); training resumes",
+            workdir,
+            latest,
+            problem,
+        )
+    return problem is None
 
 
 # ---- the run on device --------------------------------------------------------------------

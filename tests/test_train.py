@@ -294,7 +294,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_finishes(tmp_path, caplog):
 def test_a_flipped_byte_is_caught_by_the_manifest(tmp_path, caplog):
     """One flipped bit in the array data restores without an error from orbax; the
     checksum manifest catches it, and the model is restored from the older step."""
-    from ffn_jax.run import restore
+    from ffn_jax.run import restore, run_is_finished
 
     workdir = str(tmp_path / "run")
     c = tiny(
@@ -315,6 +315,7 @@ def test_a_flipped_byte_is_caught_by_the_manifest(tmp_path, caplog):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
+    assert not run_is_finished(workdir, 4)  # a sweep rerun trains it again, not "skipped"
     assert restore(workdir).step == 2
     assert any("differ from its manifest" in r.message for r in caplog.records)
 
