@@ -4,7 +4,7 @@ mesh)``, with every derived value and every config problem.
 ``from_config(config)`` is the one place below the CLI that reads raw config blocks. It
 upgrades configs written before a field existed (``LEGACY_DEFAULTS``), collects *every*
 problem (one line each: field, value, fix) and raises :class:`ConfigError` listing them, or
-returns the specs. Library modules take these specs, never a ``ConfigDict``.
+returns the specs. Library modules take these specs, never a raw config.
 
 Each derived value is computed here and only here:
 
@@ -214,7 +214,7 @@ def config_field_names(kind: str) -> list[str]:
 
 
 def to_dict(config: Any) -> dict:
-    """A plain JSON-able nested dict of ``config`` (a ConfigDict or a dict)."""
+    """A plain JSON-able nested dict of ``config`` (an ml_collections config or a dict)."""
     raw = config.to_dict() if hasattr(config, "to_dict") else config
     return json.loads(json.dumps(raw))
 
@@ -478,7 +478,7 @@ def padded_vocab(vocab: int, multiple_of: int) -> int:
 
 
 def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec:
-    """The :class:`ModelSpec` of a ``config.model`` block (a ConfigDict or dict);
+    """The :class:`ModelSpec` of a ``config.model`` block (a config block or a dict);
     ``vocab_size`` (unpadded) defaults to ``model.vocab_size``. Raises ConfigError."""
     m = upgrade({"model": to_dict(m)})["model"]
     p = _model_problems(m)
@@ -548,7 +548,7 @@ def from_config(
     mesh_shape: Mapping[str, int] | None = None,
     group: Mapping[str, Any] | None = None,
 ) -> RunSpec:
-    """Resolve ``config`` (a ConfigDict or a ``config.json`` dict) into a :class:`RunSpec` on
+    """Resolve ``config`` (a config from ``configs/`` or a ``config.json`` dict) into a :class:`RunSpec` on
     ``num_devices`` devices (default: all of jax's). ``mesh_shape`` replaces
     ``mesh.shape`` (restoring a run onto another mesh); ``group`` sets the run's sweep group
     (stored in ``config.json``). Raises ConfigError with every problem."""
