@@ -548,8 +548,8 @@ def from_config(
     mesh_shape: Mapping[str, int] | None = None,
     group: Mapping[str, Any] | None = None,
 ) -> RunSpec:
-    """Resolve ``config`` (a config from ``configs/`` or a ``config.json`` dict) into a :class:`RunSpec` on
-    ``num_devices`` devices (default: all of jax's). ``mesh_shape`` replaces
+    """Resolve ``config`` (a config from ``configs/`` or a ``config.json`` dict) into a
+    :class:`RunSpec` on ``num_devices`` devices (default: all of jax's). ``mesh_shape`` replaces
     ``mesh.shape`` (restoring a run onto another mesh); ``group`` sets the run's sweep group
     (stored in ``config.json``). Raises ConfigError with every problem."""
     import jax
