@@ -190,7 +190,8 @@ class Checkpointer:
         candidates = [step] if step is not None else list(reversed(self.steps()))
         if not candidates:
             return None
-        errors = []
+        errors: list[str] = []
+        failed: list[int] = []
         for s in candidates:
             items = {
                 "state": ocp.args.StandardRestore(abstract_saveable(state)),
@@ -203,7 +204,8 @@ class Checkpointer:
                 try:
                     out = self.manager.restore(s, args=ocp.args.Composite(**items))
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                    problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    problem = f"{type(e).__name__}: {first[:200]}"
             if problem is not None:
                 log.warning(
                     "checkpoint step %d in %s is unusable (%s); trying an older one",
@@ -212,9 +214,12 @@ class Checkpointer:
                     problem,
                 )
                 errors.append(f"step {s}: {problem}")
-                if step is None:
-                    self._quarantine(s)
+                failed.append(s)
                 continue
+            # An older step restored, so the newer failures are those steps' own (not a
+            # config that matches no checkpoint): move them aside so they can be saved anew.
+            for bad in failed if step is None else []:
+                self._quarantine(bad)
             return from_saveable(state, out["state"]), dict(out["meta"]), s
         raise RuntimeError(
             f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "

@@ -24,7 +24,14 @@ def _setup_logging() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """Print ``error: message`` as the last line of stderr and exit with ``code``.
+
+    After a failed checkpoint restore, orbax / TensorStore leave reads pending whose
+    callbacks print tracebacks as the interpreter shuts down; stderr is closed after the
+    error line so that the line the user needs stays the last one."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     sys.exit(code)
 
 

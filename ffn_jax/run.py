@@ -308,8 +308,10 @@ def restore(
         )
     prep = data_lib.prepare(spec.data, workdir)
     rs = build_run_state(spec, mesh)
-    restored = ckpt.restore(rs.state, None, step)
-    ckpt.close()
+    try:
+        restored = ckpt.restore(rs.state, None, step)
+    finally:
+        ckpt.close()  # also on failure: orbax's threads otherwise spew tracebacks at exit
     assert restored is not None
     state, _, step = restored
     return Restored(spec, prep, rs, state, step)

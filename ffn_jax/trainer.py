@@ -184,7 +184,12 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
-    restored = ckpt.restore(state, train_iter) if t.resume else None
+    try:
+        restored = ckpt.restore(state, train_iter) if t.resume else None
+    except BaseException:
+        ckpt.close()  # orbax's threads otherwise spew tracebacks at exit
+        writer.close()
+        raise
     if restored is not None:
         state, meta, step = restored
         tokens_seen, time_before = meta["tokens_seen"], meta["train_time_s"]

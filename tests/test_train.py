@@ -392,3 +392,23 @@ def test_eval_of_a_step_that_was_not_saved_lists_the_saved_ones(trained):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "holds no checkpoint of step 999; saved steps: [100, 150]" in last, last
+
+
+def test_a_config_that_matches_no_checkpoint_moves_none_aside(trained, tmp_path):
+    """Every step failing to restore is the config's fault, not the checkpoints': they stay
+    where they are, and the error (the last line) gives the real cause."""
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained[0], workdir)
+    cfg = read_json(workdir, "config.json")
+    cfg["model"]["d_model"] = 32
+    (workdir / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli("eval.py", f"--workdir={workdir}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: no checkpoint in {workdir / 'checkpoints'} could be "
+        "restored (step 150: ValueError: Requested shape"
+    ), last
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "150", "manifests"]
