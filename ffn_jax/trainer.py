@@ -184,6 +184,9 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
+    # Per-step metrics since the last log row, carried over a resume (checkpoint meta) so
+    # that the first row after it averages the same steps as an uninterrupted run's.
+    window: list = []
     try:
         restored = ckpt.restore(state, train_iter) if t.resume else None
     except BaseException:
@@ -193,7 +196,11 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     if restored is not None:
         state, meta, step = restored
         tokens_seen, time_before = meta["tokens_seen"], meta["train_time_s"]
+        window = [
+            {k: np.asarray(v, dtype=dt) for k, (dt, v) in r.items()} for r in meta.get("window", [])
+        ]
         log.info("resumed %s from step %d", workdir, step)
+    carried = len(window)  # of them, the steps not timed in this process
     first_step, signalled = step, None
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
@@ -232,7 +239,6 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
 
     schedule = make_schedule(t)
     bar = progress_bar(t.steps, step, spec.name)
-    window: list = []
     inflight: collections.deque = collections.deque()
     profiler = _Profiler(t.profile_steps, os.path.join(workdir, "profile"))
     last_eval: dict = {}
@@ -269,20 +275,21 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                 if due_log:
                     dt = time.perf_counter() - t_window
                     row = _summarise(host)
-                    tps = tokens_per_step * len(window) / dt
+                    timed = len(window) - carried  # steps run (and timed) in this window
+                    tps = tokens_per_step * timed / dt
                     row.update(
                         tokens=tokens_seen,
                         lr=float(np.asarray(schedule(step - 1))),
-                        step_time_s=dt / len(window),
+                        step_time_s=dt / timed,
                         tokens_per_s=tps,
                         mfu=fpt * tps / peak_total,
                         # The host fetches batch n+1 while steps n-1 and n run (async dispatch,
                         # MAX_IN_FLIGHT); this stays far below step_time_s unless input-bound.
-                        data_time_s=data_s / len(window),
+                        data_time_s=data_s / timed,
                     )
                     writer.write(step, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    window, t_window, data_s = [], time.perf_counter(), 0.0
+                    window, t_window, data_s, carried = [], time.perf_counter(), 0.0, 0
                 if last or (t.eval_every and step % t.eval_every == 0):
                     if last and t.final_eval:  # every token of validation and test
                         scores = score_splits(workdir, eval_step, state, step, spec, prep, rs)
@@ -308,6 +315,13 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                         "tokens_seen": tokens_seen,
                         "name": spec.name,
                         "train_time_s": time_before + time.perf_counter() - t_start,
+                        "window": [  # (dtype, values): the float32 means stay bit-exact
+                            {
+                                k: (str(np.asarray(v).dtype), np.asarray(v).tolist())
+                                for k, v in r.items()
+                            }
+                            for r in (host if window else [])
+                        ],
                     }
                     ckpt.save(step, state, meta, train_iter, force=last or preempted)
                 if preempted:

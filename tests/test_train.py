@@ -412,3 +412,44 @@ def test_a_config_that_matches_no_checkpoint_moves_none_aside(trained, tmp_path)
         "restored (step 150: ValueError: Requested shape"
     ), last
     assert sorted(os.listdir(workdir / "checkpoints")) == ["100", "150", "manifests"]
+
+
+def test_the_first_row_after_a_preemption_averages_the_same_steps(tmp_path, monkeypatch):
+    """SIGTERM after step 6 with log_every=4: the resumed run's row at step 8 averages
+    steps 5..8 (5 and 6 carried in the checkpoint), exactly like the uninterrupted run's."""
+    import signal
+
+    from ffn_jax import data as data_lib
+
+    c = tiny(
+        **{
+            "train.steps": 10,
+            "train.warmup_steps": 1,
+            "train.log_every": 4,
+            "train.checkpoint_every": 100,
+            "train.eval_every": 0,
+            "train.final_eval": False,
+        }
+    )
+    straight = str(tmp_path / "straight")
+    train(c, straight)
+
+    real, calls = data_lib.to_global, []
+
+    def to_global_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # the batch of step 6: the loop sees the signal after it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    cut = str(tmp_path / "cut")
+    monkeypatch.setattr(data_lib, "to_global", to_global_then_signal)
+    assert train(c, cut) == {"step": 6, "preempted": True}
+    monkeypatch.setattr(data_lib, "to_global", real)
+    train(c, cut)
+    rows = {r["step"]: r for r in read_metrics(straight) if "loss" in r}
+    resumed = {r["step"]: r for r in read_metrics(cut) if "loss" in r}
+    assert sorted(resumed) == sorted(rows) == [4, 8, 10]
+    for step in (4, 8, 10):
+        assert resumed[step]["loss"] == rows[step]["loss"], step
+        assert resumed[step]["grad_norm"] == rows[step]["grad_norm"], step
