@@ -453,3 +453,20 @@ def test_the_first_row_after_a_preemption_averages_the_same_steps(tmp_path, monk
     for step in (4, 8, 10):
         assert resumed[step]["loss"] == rows[step]["loss"], step
         assert resumed[step]["grad_norm"] == rows[step]["grad_norm"], step
+
+
+def test_eval_of_a_read_only_run_still_returns_its_scores(trained, monkeypatch, caplog):
+    """A run directory eval.py cannot write into (read-only mount, another user's run): the
+    scores are computed, returned and printed; eval.json is skipped with a warning."""
+    import errno
+
+    from ffn_jax import evaluate
+
+    def read_only(path, obj):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", read_only)
+    workdir, result = trained
+    scores = evaluate.evaluate_run(workdir)
+    assert scores["validation"]["loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+    assert any("could not write" in r.message and "eval.json" in r.message for r in caplog.records)
