@@ -26,12 +26,16 @@ def _setup_logging() -> None:
 def _fail(message: str, code: int) -> None:
     """Print ``error: message`` as the last line of stderr and exit with ``code``.
 
-    After a failed checkpoint restore, orbax / TensorStore leave reads pending whose
-    callbacks print tracebacks as the interpreter shuts down; stderr is closed after the
-    error line so that the line the user needs stays the last one."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    After a failed checkpoint restore, orbax / TensorStore threads still print tracebacks
+    while the interpreter shuts down. Everything else written to stderr from here on (any
+    thread, Python or native) goes to /dev/null, and the error line is written past it, so
+    the line the user needs is the last one. For the entry points only: the process exits.
+    """
+    sys.stderr.flush()
+    real = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    os.write(real, f"error: {message}\n".encode())
     sys.exit(code)
 
 
