@@ -191,9 +191,10 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:,.1f} MiB" if x < GIB else f"{x / GIB:,.2f} GiB"
 
 
-def log_memory(spec: RunSpec, state, mesh: jax.sharding.Mesh, rules, compiled):
-    """Log the estimate next to the compiled step's memory; return both (bytes per device)."""
-    est, xla = estimate(spec, state, mesh, rules), compiled_bytes(compiled)
+def log_memory(est: dict[str, int], compiled):
+    """Log the estimate ``est`` (``estimate``) next to the compiled step's memory; return
+    both (bytes per device)."""
+    xla = compiled_bytes(compiled)
     parts = ", ".join(f"{k} {_mib(v)}" for k, v in est.items() if k != "total")
     line = f"memory per device: estimate {_mib(est['total'])} ({parts})"
     if xla is not None:

@@ -169,7 +169,8 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
             f"{spec.model.tokenizer_vocab} expected; set data.vocab_size to match"
         )
     rs = build_run_state(spec)
-    memory.check_fits(memory.estimate(spec, rs.state, rs.mesh, rs.rules))
+    mem_estimate = memory.estimate(spec, rs.state, rs.mesh, rs.rules)  # computed once
+    memory.check_fits(mem_estimate)
     write_config(spec, workdir)
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
@@ -215,7 +216,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         t0 = time.perf_counter()
         train_step = jitted.lower(state, abstract_batch).compile()
         compile_s = time.perf_counter() - t0
-        mem_estimate, mem_compiled = memory.log_memory(spec, state, rs.mesh, rs.rules, train_step)
+        mem_estimate, mem_compiled = memory.log_memory(mem_estimate, train_step)
         eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
 
     tokens_per_step = spec.tokens_per_step

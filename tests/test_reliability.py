@@ -17,6 +17,18 @@ from tests.helpers import tiny, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cli(script: str, *flags: str) -> subprocess.CompletedProcess:
+    """``python <script> flags...`` from the repository root (train.py: the tiny config)."""
+    config = ["--config=configs/base.py:swiglu,size=tiny"] if script == "train.py" else []
+    return subprocess.run(
+        [sys.executable, script, *config, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_a_torn_metrics_row_is_skipped_and_cut_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "lo')
@@ -43,18 +55,7 @@ def test_a_second_writer_is_refused_with_the_holder(tmp_path):
             rf"{os.getpid()} on ",
         ):
             WorkdirLock(workdir).__enter__()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "train.py",
-                "--config=configs/base.py:swiglu,size=tiny",
-                f"--workdir={workdir}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = cli("train.py", f"--workdir={workdir}")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --workdir={workdir} is in use by pid {os.getpid()}"), last
@@ -144,19 +145,7 @@ def test_a_signal_during_start_up_exits_cleanly(tmp_path, monkeypatch):
     ],
 )
 def test_bad_flags_are_one_error_line(tmp_path, flag, text):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config=configs/base.py:swiglu,size=tiny",
-            f"--workdir={tmp_path / 'run'}",
-            flag,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("train.py", f"--workdir={tmp_path / 'run'}", flag)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], lines
@@ -165,13 +154,7 @@ def test_bad_flags_are_one_error_line(tmp_path, flag, text):
 
 def test_a_corrupt_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"model": ')
-    proc = subprocess.run(
-        [sys.executable, "eval.py", f"--workdir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("eval.py", f"--workdir={tmp_path}")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'config.json'} is not valid JSON"), last
@@ -179,18 +162,7 @@ def test_a_corrupt_config_json_names_the_file(tmp_path):
 
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config=configs/base.py:swiglu,size=tiny",
-            f"--workdir={tmp_path / 'file' / 'run'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli("train.py", f"--workdir={tmp_path / 'file' / 'run'}")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'file'}") and "Not a directory" in last, last
@@ -218,19 +190,7 @@ def full_disk(tmp_path):
 def test_a_full_disk_stops_training_with_one_line_instead_of_hanging(full_disk):
     """The metrics writers fail in the loop's thread: no hang (tensorboardX's writer thread
     used to die and leave the loop blocked on its queue, deaf to SIGTERM)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config=configs/base.py:swiglu,size=tiny",
-            f"--workdir={full_disk / 'run'}",
-            "--config.train.log_every=1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = cli("train.py", f"--workdir={full_disk / 'run'}", "--config.train.log_every=1")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {full_disk / 'run'}") and "No space left" in last, last
