@@ -2,6 +2,7 @@
 
     python train.py --config=configs/base.py:swiglu --workdir=runs/swiglu
     python train.py --config=configs/compare.py:cpu --workdir=runs/compare
+    python train.py --config=configs/compare.py:gpu --workdir=runs/gpu --dry_run  # sizes only
 
 Multi-host jobs run the same command in every process; the mesh and the ``distributed``
 block are flags too (docs/scaling.md), e.g. process ``i`` of two::
@@ -19,15 +20,22 @@ prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ffn_jax.cli import parse_flags, run_train  # noqa: E402
+from ffn_jax.cli import parse_flags, run_dry, run_train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config file[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for everything the run writes.", required=True)
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Resolve and check every run, print its parameters, training tokens, tokens per "
+    "parameter and epochs, then exit: no data prepared, nothing trained or written.",
+)
 
 
 def main(argv):
     del argv
-    run_train(flags.FLAGS.config, flags.FLAGS.workdir)
+    run = run_dry if flags.FLAGS.dry_run else run_train
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     m.ffn_multiplier = 4.0  # ungated d_ff = multiplier * d_model; gated gets 2/3 of it
     m.ffn_multiple_of = 8  # d_ff is rounded to the nearest multiple of this
     m.ffn_bias = False  # biases b1/b3/b2 in the FFN
+    m.ffn_init = "default"  # "unit_variance": hidden activations x 1/std at init, every variant
     m.dropout = 0.0  # dropout on FFN hidden, attention output and residual branches
     m.norm = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm)
     m.norm_position = "pre"  # "pre": x + f(norm(x)), final norm; "post": norm(x + f(x)), none
@@ -156,7 +157,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe.dispatch = "capacity"  # "capacity" (drop over capacity) or "dropless"
     moe.dropless_impl = "ragged"  # dropless grouped matmul: "ragged" (ragged_dot) or "loop"
     moe.capacity_factor = 1.25  # training capacity = factor * k * tokens / experts
-    moe.eval_capacity_factor = 2.0  # capacity factor at evaluation
+    # Evaluation: 0 = dropless (no token's score depends on other sequences; expert choice,
+    # which has no dropless path, then uses capacity_factor), > 0 = that capacity factor.
+    moe.eval_capacity_factor = 0.0
     moe.granularity = 1  # fine-grained experts: width / g, experts * g, top_k * g
     moe.num_shared = 0  # always-on shared experts (DeepSeekMoE)
     moe.jitter = 0.0  # multiplicative router input noise in training, e.g. 0.01
@@ -201,7 +204,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.log_every = 25  # steps between metric logs (the only host syncs)
     t.eval_every = 250  # steps between validation evaluations (0 = only at the end)
     t.eval_batches = 16  # validation batches during training (0 = the whole split)
-    t.final_eval = True  # at the end, score all of validation + test and write eval.json
+    t.final_eval = True  # at the end, score every token of eval_splits and write eval.json
+    t.eval_splits = "validation,test"  # splits the final evaluation scores
     t.checkpoint_every = 250  # steps between checkpoints
     t.keep_checkpoints = 2  # checkpoints kept
     t.resume = True  # resume from the workdir's checkpoint; False refuses an existing run

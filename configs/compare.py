@@ -4,13 +4,39 @@
     python eval.py --workdir=runs/compare                                      # the table
     python train.py --config=configs/compare.py:quick --workdir=/tmp/quick    # smoke run
     python train.py --config=configs/compare.py:gpu --workdir=runs/gpu        # one GPU
+    python train.py --config=configs/compare.py:gpu --workdir=runs/gpu --dry_run  # sizes only
 
 Presets:
   cpu    (default) every dense variant (minus the tanh GELU forms) + two MoE FFNs at matched
          active parameters, 3 seeds; sized to finish in <= 30 minutes on a 2-core CPU
   quick  3 variants x 2 seeds, a few minutes on a CPU (smoke run)
-  gpu    ~85M-parameter models (GPT-2-small width, 8 layers), bf16, for one GPU
-  pod    ~350M-parameter models for a TPU/GPU pod slice (FSDP over the data axis)
+  gpu    82M-parameter models (GPT-2-small width, 8 layers), bf16, for one GPU
+  pod    336M-parameter models (d_model 1024, 24 layers) for a TPU/GPU pod slice (FSDP
+         over the data axis)
+
+The gpu and pod presets train on FineWeb-Edu, ``HuggingFaceFW/fineweb-edu`` config
+``sample-10BT`` ("around 10B GPT-2 tokens", the dataset card), streamed by name (the ``hf``
+extra: ``pip install -e .[hf]``), with a 32k BPE trained on its training split. 0.5% of the
+documents each are held out for validation and test, which leaves ~9.9B training tokens
+(``FINEWEB_EDU_TRAIN_TOKENS``, declared to the dry run as ``sweep.train_tokens_available``;
+the 32k BPE's count is taken to be about GPT-2's, not measured). No run sees a token twice:
+
+  preset  params (active)  training tokens per run        tokens/param  epochs  FLOPs/token
+  gpu     81.8M-81.9M      32,000 x 64 x 1024 = 2.10B             25.6    0.21       0.57G
+  pod     335.4M-335.8M    14,000 x 512 x 1024 = 7.34B            21.9    0.74       2.32G
+
+The MoE rows have the dense SwiGLU's active parameters (346M / 1.74B in total). Expected
+wall time = FLOPs/token (``ffn_jax.flops``) x tokens at an *assumed* 40% MFU of the
+datasheet bf16 peak (989 TFLOP/s per H100, 459 per TPU v5p chip); training only (no
+evaluation or data preparation), and MoE runs take longer than their FLOPs say:
+
+  gpu  one H100:            ~50 min per run, ~33 h per sweep (13 variants x 3 seeds = 39 runs)
+  pod  64 H100s:            ~11 min per run, ~7.3 h per sweep
+       a v5p-64 (32 chips): ~48 min per run, ~31 h per sweep
+
+The data is prepared once, before the first run, and cached for every run of both presets:
+the stream is read, the BPE trained on the training split, and ~10B tokens written to
+uint16 shards (~20 GB). ``--dry_run`` prints these numbers without any of it.
 
 Dense variants are parameter-matched by the d_ff rule (gated variants get 2/3 width).
 MoE presets are matched in *active* parameters and FLOPs per token to the dense SwiGLU:
@@ -39,28 +65,46 @@ MOE_PRESETS = {
     "moe_fine": dict(ffn="swiglu", num_experts=8, top_k=1, granularity=2),
 }
 
+# The gpu and pod presets' corpus: FineWeb-Edu's ``sample-10BT`` config, streamed by name.
+# The dataset card gives it as "around 10B GPT-2 tokens". 0.5% of the documents each go to
+# validation and test (~50M tokens each: enough to score, and the final evaluation stays
+# ~2% of a gpu run), so ~99% is training text. The 32k BPE trained on it is not GPT-2's
+# tokenizer; its count has not been measured here and is taken to be about the same.
+FINEWEB_EDU = dict(
+    corpus="hf",
+    hf_name="HuggingFaceFW/fineweb-edu",
+    hf_config="sample-10BT",
+    hf_split="train",
+    hf_text_field="text",
+    hf_streaming=True,
+    heldout_fraction=0.005,
+)
+FINEWEB_EDU_TRAIN_TOKENS = 9_900_000_000  # 10B (the dataset card) x 0.99 (the train split)
+
 PRESETS = {
     # size, variants, seeds, steps, overrides
     "cpu": dict(
         size="small",
         variants=CPU_DENSE + list(MOE_PRESETS),
-        seeds=3,
-        steps=160,
+        seeds=5,
+        tune="1e-3,2e-3,4e-3,8e-3,1.6e-2",
+        steps=256,
         d_model=128,
         n_layers=4,
         n_heads=4,
         seq_len=128,
         batch_size=16,
         tokenizer="byte",
-        lr=3e-3,
-        warmup=16,
-        eval_every=40,
+        lr=4e-3,
+        warmup=26,
+        eval_every=64,
         eval_batches=8,
     ),
     "quick": dict(
         size="tiny",
         variants=["relu", "swiglu", "moe_top1"],
         seeds=2,
+        tune="2e-3,4e-3,8e-3",
         steps=60,
         d_model=64,
         n_layers=2,
@@ -68,7 +112,7 @@ PRESETS = {
         seq_len=64,
         batch_size=16,
         tokenizer="byte",
-        lr=3e-3,
+        lr=4e-3,
         warmup=6,
         eval_every=20,
         eval_batches=4,
@@ -77,31 +121,37 @@ PRESETS = {
         size="gpu",
         variants=DENSE + list(MOE_PRESETS),
         seeds=3,
-        steps=5000,
+        steps=32000,  # x 64 x 1024 = 2.10B tokens: >= 20 per (active) parameter, 0.21 epoch
         d_model=768,
         n_layers=8,
         n_heads=12,
         seq_len=1024,
-        batch_size=64,
+        batch_size=64,  # ~46 GiB of activations (ffn_jax.memory): fits an 80 GB H100
         tokenizer="bpe",
+        vocab_size=32768,
+        data=FINEWEB_EDU,
+        train_tokens=FINEWEB_EDU_TRAIN_TOKENS,
         lr=6e-4,
-        warmup=250,
-        eval_every=500,
+        warmup=1000,
+        eval_every=1000,
         eval_batches=32,
     ),
     "pod": dict(
         size="gpu",
         variants=DENSE + list(MOE_PRESETS),
         seeds=3,
-        steps=20000,
+        steps=14000,  # x 512 x 1024 = 7.34B tokens: >= 20 per (active) parameter, 0.74 epoch
         d_model=1024,
         n_layers=24,
         n_heads=16,
         seq_len=1024,
-        batch_size=256,
+        batch_size=512,  # 0.5M tokens per step (GPT-3 350M's batch); 8 sequences per device on 64
         tokenizer="bpe",
+        vocab_size=32768,
+        data=FINEWEB_EDU,
+        train_tokens=FINEWEB_EDU_TRAIN_TOKENS,
         lr=3e-4,
-        warmup=1000,
+        warmup=700,  # ~370M tokens (GPT-3's warmup)
         eval_every=1000,
         eval_batches=64,
     ),
@@ -126,6 +176,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         p["n_heads"],
     )
     d.seq_len, d.batch_size, d.tokenizer = p["seq_len"], p["batch_size"], p["tokenizer"]
+    d.vocab_size = p.get("vocab_size", d.vocab_size)
+    d.update(p.get("data", {}))  # gpu, pod: the streamed corpus (FINEWEB_EDU)
     t.steps, t.lr, t.warmup_steps = p["steps"], p["lr"], p["warmup"]
     t.eval_every, t.eval_batches = p["eval_every"], p["eval_batches"]
     t.log_every = min(t.log_every, p["eval_every"])
@@ -137,6 +189,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
     s.seeds = p["seeds"]  # seeds 0 .. n-1 (init and data order)
     s.axes = ""  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
+    # Tuning stage: each variant trains at every value of the grid (tune.seeds seeds);
+    # the value of least validation loss is its own for the final stage (sweep.seeds seeds,
+    # reusing the tuning runs of its value). field="" turns the stage off.
+    s.tune = config_dict.ConfigDict()
+    s.tune.field = "train.lr" if p.get("tune") else ""
+    s.tune.grid = p.get("tune", "")  # comma-separated values (x2 steps)
+    s.tune.factor = 2.0  # step past an edge of the grid when the best value sits on it
+    s.tune.max_extend = 2  # at most this many extensions per variant
+    s.tune.seeds = 1  # seeds per grid point (seeds 0 .. tune.seeds-1)
     # Named variants beyond the registry: model / model.moe fields (MoE, the 2017 block).
     s.presets = config_dict.ConfigDict(
         {
@@ -144,4 +205,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
             "original": dict(ffn="relu", max_seq_len=p["seq_len"], **base.PRESETS["original"]),
         }
     )
+    if "train_tokens" in p:  # gpu, pod: the streamed corpus's training split, declared
+        s.train_tokens_available = p["train_tokens"]  # (tokens) for the dry run's epochs
     return c

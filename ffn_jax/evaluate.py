@@ -21,10 +21,12 @@ from jax.sharding import NamedSharding
 from ffn_jax import data as data_lib
 from ffn_jax.data import Prepared
 from ffn_jax.model import token_nll
-from ffn_jax.run import EVAL_FILE, RunState, restore, write_json_atomic
+from ffn_jax.run import EVAL_FILE, RunState, read_json, restore, write_json_atomic
 from ffn_jax.spec import DataSpec, RunSpec
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("validation", "test")
 
 
 def make_eval_step(graphdef: nnx.GraphDef, state_shardings, batch_sharding: NamedSharding):
@@ -51,10 +53,13 @@ def evaluate_split(
     token_bytes: np.ndarray,
     max_batches: int = 0,
 ) -> dict:
-    """Loss / perplexity / bits per byte over ``shard`` (the first ``max_batches`` batches,
-    or all of it when 0). ``rs`` supplies the mesh and batch sharding."""
-    total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
-    sums = []
+    """Loss / perplexity / bits per byte over ``shard`` (``max_batches`` batches spread over
+    it, or all of it when 0). ``rs`` supplies the mesh and batch sharding.
+
+    ``blocks`` holds each batch's ``[nll, tokens, bytes]``: a batch is ``batch_size``
+    consecutive windows, a contiguous block of the split, the unit a bootstrap resamples.
+    """
+    sums, block_bytes = [], []
     batches = data_lib.eval_batches(
         shard,
         seq_len=data.seq_len,
@@ -71,32 +76,43 @@ def evaluate_split(
             for k in ("inputs", "targets", "mask")
         ]
         sums.append(eval_step(state, *arrays))
-        total_bytes += int(b["bytes"])  # of the global batch, the same on every process
+        block_bytes.append(int(b["bytes"]))  # of the global batch, the same on every process
         if len(sums) % 8 == 0:
             # Bound the computations in flight: XLA:CPU's simulated devices can deadlock
             # in a collective when hundreds of them are queued at once.
             jax.block_until_ready(sums[-1])
-    for nll, n in jax.device_get(sums):
-        total_nll += float(nll)
-        total_tokens += float(n)
-    loss = total_nll / max(total_tokens, 1.0)
+    blocks = [
+        [float(nll), int(n), nbytes]
+        for (nll, n), nbytes in zip(jax.device_get(sums), block_bytes, strict=True)
+    ]
+    total_nll = sum(b[0] for b in blocks)
+    total_tokens, total_bytes = sum(b[1] for b in blocks), sum(block_bytes)
+    loss = total_nll / max(total_tokens, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": data_lib.bits_per_byte(total_nll, total_bytes),
         "tokens": int(total_tokens),
         "bytes": int(total_bytes),
+        "blocks": blocks,
     }
 
 
 def evaluate_run(
     workdir: str, step: int | None = None, splits: tuple[str, ...] = ("validation", "test")
 ) -> dict:
-    """Score ``splits`` of the run in ``workdir`` and write ``workdir/eval.json``."""
+    """Score ``splits`` of the run in ``workdir`` and write ``workdir/eval.json`` (keeping
+    the other splits it holds for the same step)."""
     r = restore(workdir, step)
     with jax.set_mesh(r.rs.mesh):
         eval_step = make_eval_step(r.rs.graphdef, r.rs.state_shardings, r.rs.batch_sharding)
         return score_splits(workdir, eval_step, r.state, r.step, r.spec, r.prep, r.rs, splits)
+
+
+def read_eval(workdir: str) -> dict | None:
+    """The run's ``eval.json`` (None if absent)."""
+    path = os.path.join(workdir, EVAL_FILE)
+    return read_json(path) if os.path.exists(path) else None
 
 
 def score_splits(
@@ -109,14 +125,17 @@ def score_splits(
     rs: RunState,
     splits: tuple[str, ...] = ("validation", "test"),
 ) -> dict:
-    """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``."""
+    """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``, with
+    the other splits an ``eval.json`` of the same step already holds."""
+    old = read_eval(workdir) if jax.process_index() == 0 else None
+    kept = {k: v for k, v in (old or {}).items() if k in SPLITS and old and old["step"] == step}
     results = {
         split: evaluate_split(
             eval_step, state, prep.splits[split], spec.data, rs, prep.tokenizer.token_bytes
         )
         for split in splits
     }
-    out = {"step": step, "name": spec.name, **results}
+    out = {"step": step, "name": spec.name, **kept, **results}
     if jax.process_index() == 0:
         try:
             write_json_atomic(os.path.join(workdir, EVAL_FILE), out)

@@ -11,6 +11,7 @@ MFU = FLOPs/token x tokens/s / peak FLOP/s.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -109,11 +110,13 @@ def datasheet_peak(device: Any = None) -> float | None:
     return None
 
 
+@functools.cache
 def peak_flops(compute_dtype: str = "float32") -> tuple[float, str]:
     """Peak FLOP/s per device for MFU and where it came from.
 
     CPU: the measured float32 matmul throughput. Accelerators: the datasheet bf16 peak when
-    known, else the measured throughput in the compute dtype.
+    known, else the measured throughput in the compute dtype. Measured once per process
+    (a sweep's runs share it: re-measuring at every run's start lets a slow spell move MFU).
     """
     dev = jax.devices()[0]
     if dev.platform != "cpu" and (peak := datasheet_peak(dev)):

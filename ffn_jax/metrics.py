@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, TextIO
 
@@ -148,6 +149,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def progress_bar(total: int, initial: int, desc: str) -> tqdm:
-    """A tqdm bar on process 0 (disabled elsewhere and when stderr is not a terminal in CI)."""
-    disable = jax.process_index() != 0 or os.environ.get("CI") == "true"
+    """A tqdm bar on process 0 when stderr is a terminal; disabled elsewhere, in CI and in a
+    log file (``nohup``, a cluster job's log), where the trainer logs one line per log
+    interval instead of a frame per step."""
+    tty = sys.stderr.isatty()
+    disable = jax.process_index() != 0 or os.environ.get("CI") == "true" or not tty
     return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)

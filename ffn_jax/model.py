@@ -166,6 +166,7 @@ class Block(nnx.Module):
                 use_bias=spec.ffn_bias,
                 dtype=dtype,
                 out_scale=out_scale,
+                ffn_init=spec.ffn_init,
                 rngs=rngs,
             )
         else:
@@ -177,6 +178,7 @@ class Block(nnx.Module):
                 dropout=spec.dropout,
                 dtype=dtype,
                 out_scale=out_scale,
+                ffn_init=spec.ffn_init,
                 rngs=rngs,
             )
         self.drop = nnx.Dropout(spec.dropout, rngs=rngs) if spec.dropout > 0 else None

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ffn_jax import data as data_lib
-from ffn_jax import sharding
+from ffn_jax import programs, sharding
 from ffn_jax.data.cache import write_text_atomic
 from ffn_jax.model import LM, count_params
 from ffn_jax.optim import make_optimizer
@@ -264,19 +264,35 @@ class RunState:
 
 
 def build_run_state(spec: RunSpec, mesh: jax.sharding.Mesh | None = None) -> RunState:
-    """Create the sharded model and optimiser of ``spec`` on ``mesh`` (default: its own)."""
+    """Create the sharded model and optimiser of ``spec`` on ``mesh`` (default: its own).
+
+    The state is created inside one jit with the target out_shardings (no device ever holds
+    the full unsharded model), with the seed and the learning rate as traced arguments, so
+    runs of a sweep that differ only in them share the compiled initialiser
+    (``ffn_jax.programs``).
+    """
     mesh = mesh or sharding.make_mesh(spec.mesh.shape)
     rules = spec.mesh.rules
-    tx = make_optimizer(spec.train)
 
-    def build():
-        model = LM(spec.model, rngs=nnx.Rngs(params=spec.seed, dropout=spec.seed + 1))
+    def build(seed, lr):
+        keys = {"params": seed, "dropout": seed + 1}
+        if not isinstance(seed, int):  # traced: nnx.Rngs takes ints or key arrays
+            keys = {k: jax.random.key(v) for k, v in keys.items()}
+        model = LM(spec.model, rngs=nnx.Rngs(**keys))
+        tx = make_optimizer(dataclasses.replace(spec.train, lr=lr))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     with jax.set_mesh(mesh), sharding.axis_rules(rules):
-        model, opt = sharding.create_sharded(build, mesh, rules)
-    graphdef, state = nnx.split((model, opt))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+        abstract = nnx.eval_shape(lambda: build(spec.seed, spec.train.lr))
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = sharding.state_shardings(abstract_state, mesh, rules)
+        init, _ = programs.cached(
+            "init",
+            spec,
+            lambda: jax.jit(lambda seed, lr: nnx.state(build(seed, lr)), out_shardings=shardings),
+        )
+        state = init(jax.numpy.int32(spec.seed), jax.numpy.float32(spec.train.lr))
+    model, _ = nnx.merge(graphdef, state)
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), rules))
     return RunState(mesh, rules, graphdef, state, shardings, batch_sharding, count_params(model))
 

@@ -42,6 +42,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.norm_position": "pre",
     "model.positions": "rope",
     "model.max_seq_len": 0,
+    "model.ffn_init": "default",
+    "train.eval_splits": "validation,test",
 }
 
 
@@ -68,6 +70,7 @@ class ModelSpec:
     ffn: str = _field()
     d_ff: int = _field()  # resolved: model.d_ff or the parameter-matched width
     ffn_bias: bool = _field()
+    ffn_init: str = _field()  # hidden-activation gain at init (ffn_jax.ffn.FFN_INITS)
     dropout: float = _field()
     norm: str = _field()
     norm_position: str = _field()
@@ -138,6 +141,7 @@ class TrainSpec:
     grad_accum: int = _field()
     logits_z_loss: float = _field()
     final_eval: bool = _field()
+    eval_splits: str = _field(resumable=True)  # comma-separated splits the final eval scores
     log_every: int = _field(resumable=True)
     eval_every: int = _field(resumable=True)
     eval_batches: int = _field(resumable=True)
@@ -145,6 +149,11 @@ class TrainSpec:
     keep_checkpoints: int = _field(resumable=True)
     resume: bool = _field(resumable=True)
     profile_steps: str = _field(resumable=True)
+
+    @property
+    def final_splits(self) -> tuple[str, ...]:
+        """The splits the final evaluation scores (``eval_splits``), in order."""
+        return tuple(x.strip() for x in self.eval_splits.split(",") if x.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +286,7 @@ def _model_problems(m: Mapping[str, Any]) -> list[str]:
         p.append(
             f"model.ffn={m['ffn']!r} is unknown; valid variants: {', '.join(ffn_lib.VARIANTS)}"
         )
+    p += _choice("model.ffn_init", m["ffn_init"], ffn_lib.FFN_INITS)
     p += _choice("model.dtype", m["dtype"], model_lib.DTYPES)
     p += _choice("model.norm", m["norm"], model_lib.NORMS)
     p += _choice("model.norm_position", m["norm_position"], model_lib.NORM_POSITIONS)
@@ -355,13 +365,17 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
             f"model.moe.top_k={moe['top_k']} must be in [1, num_experts={e}]; lower top_k "
             "or add experts"
         )
-    if router is not None and router.uses_capacity(moe["dispatch"]):
-        for field in ("capacity_factor", "eval_capacity_factor"):
-            if not moe[field] > 0:
-                p.append(
-                    f"model.moe.{field}={moe[field]} must be > 0 on the capacity path; use "
-                    "e.g. 1.25 (train) / 2.0 (eval), or dispatch='dropless'"
-                )
+    on_capacity = router is not None and router.uses_capacity(moe["dispatch"])
+    if on_capacity and not moe["capacity_factor"] > 0:
+        p.append(
+            f"model.moe.capacity_factor={moe['capacity_factor']} must be > 0 on the "
+            "capacity path; use e.g. 1.25, or dispatch='dropless'"
+        )
+    if moe["eval_capacity_factor"] < 0:
+        p.append(
+            f"model.moe.eval_capacity_factor={moe['eval_capacity_factor']} must be >= 0 "
+            "(0: evaluate dropless)"
+        )
     for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef"):
         if moe[field] < 0:
             p.append(f"model.moe.{field}={moe[field]} must be >= 0")
@@ -409,6 +423,12 @@ def _train_problems(t: Mapping[str, Any], batch_size: int) -> list[str]:
     for field in ("eval_every", "eval_batches"):
         if t[field] < 0:
             p.append(f"train.{field}={t[field]} must be >= 0 (0 = at the end / whole split)")
+    splits = [x.strip() for x in str(t["eval_splits"]).split(",") if x.strip()]
+    if not splits or any(x not in ("validation", "test") for x in splits):
+        p.append(
+            f"train.eval_splits={t['eval_splits']!r} must list 'validation' and/or 'test', "
+            "e.g. 'validation,test'"
+        )
     steps = t["profile_steps"]
     m = re.fullmatch(r"(\d+):(\d+)", steps) if steps else None
     if steps and not (m and int(m[1]) < int(m[2])):

@@ -9,13 +9,19 @@ A sweep config is a base config plus a ``sweep`` block:
                      variant sees the same batches for the same seed
     sweep.axes       optional grid over *any* config fields: ``"train.lr=1e-3,3e-3"``;
                      several axes are separated by ``;`` (every combination is trained)
+    sweep.tune       optional tuning stage (``Tuning``): ``field`` (e.g. ``train.lr``; empty
+                     = none), ``grid`` (its values), ``factor`` (its step, to extend past an
+                     edge), ``max_extend``, ``seeds`` (per grid point); selection on
+                     validation loss, then every variant trains at its own value
 
 Every run is ``(name, group, overrides)``: ``group`` holds its keys (``variant``, one per
 axis, e.g. ``train.lr``, and ``seed``), stored in the run's ``config.json`` so the report
 reads them back instead of parsing names; ``overrides`` are the dotted config fields the
 run sets on the base config. The sweep directory holds ``sweep.json`` (the sweep config)
-and one run directory per run. A finished run is skipped and a partial one resumed, so
-re-running an interrupted sweep continues where it stopped.
+one run directory per run, ``tuning.json`` (a tuned sweep's grids, losses and chosen
+values) and ``sweep_timing.json`` (its wall time). A finished run is skipped and a partial one
+resumed, so re-running an interrupted sweep continues where it stopped; a run whose loss
+became NaN/inf gets a ``diverged.json`` and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
+import time
 from typing import Any
 
+import numpy as np
 from ml_collections import ConfigDict
 
+from ffn_jax import stats
 from ffn_jax.configuration import ConfigError, resolve, validate_config
 from ffn_jax.ffn import VARIANTS
 from ffn_jax.run import CONFIG_FILE, read_json, run_is_finished, write_json_atomic
@@ -38,6 +48,9 @@ from ffn_jax.spec import config_diff
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+TUNING_FILE = "tuning.json"  # the tuning stage's grid, losses and chosen value per cell
+TIMING_FILE = "sweep_timing.json"  # the sweep's wall time, over every invocation
+DIVERGED_FILE = "diverged.json"  # in a run directory: its loss became NaN/inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,29 +135,99 @@ def _label(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One thing the sweep compares: a variant at one combination of the axes' values.
+    ``group`` holds its keys (``variant`` and one per axis); ``overrides`` its config fields."""
+
+    name: str
+    group: dict[str, Any]
+    overrides: dict[str, Any]
+
+    def run(self, seed: int, extra: dict[str, Any] | None = None) -> Run:
+        """The cell's run with ``seed`` and the ``extra`` fields (a tuned value) set."""
+        picked = {**(extra or {})}
+        label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
+        name = f"{self.name}{label}-s{seed}"
+        group = {**self.group, **picked, "seed": seed}
+        return Run(name, group, {**self.overrides, **picked, "seed": seed, "name": name})
+
+
+def cells(config: ConfigDict) -> list[Cell]:
+    """Every variant at every combination of ``sweep.axes``, in order."""
+    sweep: Any = config.sweep
+    axes = parse_axes(sweep.get("axes", ""))
+    out = []
+    for name in variant_names(config):
+        base: dict[str, Any] = {"model.moe.num_experts": 0}
+        if name in sweep.presets:
+            base.update(_preset_overrides(config, name))
+        else:
+            base["model.ffn"] = name
+        for combo in itertools.product(*(values for _, values in axes)):
+            picked = dict(zip((field for field, _ in axes), combo, strict=True))
+            label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
+            out.append(Cell(f"{name}{label}", {"variant": name, **picked}, {**base, **picked}))
+    return out
+
+
 def runs(config: ConfigDict) -> list[Run]:
-    """Every run of the sweep, in training order (seed-major, so an interrupted sweep has
-    complete seeds of every variant first)."""
+    """Every run of an untuned sweep, in training order (seed-major, so an interrupted sweep
+    has complete seeds of every variant first). A tuned sweep's runs depend on its results:
+    see ``train_sweep``."""
     sweep: Any = config.sweep
     if sweep.seeds < 1:
         raise ConfigError(f"sweep.seeds={sweep.seeds} must be >= 1")
-    names = variant_names(config)
-    axes = parse_axes(sweep.get("axes", ""))
-    out = []
-    for seed in range(sweep.seeds):
-        for name in names:
-            base: dict[str, Any] = {"model.moe.num_experts": 0}
-            if name in sweep.presets:
-                base.update(_preset_overrides(config, name))
-            else:
-                base["model.ffn"] = name
-            for combo in itertools.product(*(values for _, values in axes)):
-                picked = dict(zip((field for field, _ in axes), combo, strict=True))
-                label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
-                run_name = f"{name}{label}-s{seed}"
-                group = {"variant": name, **picked, "seed": seed}
-                out.append(Run(run_name, group, {**base, **picked, "seed": seed, "name": run_name}))
-    return out
+    tune = Tuning.of(config)
+    the_cells = cells(config)
+    if tune is None:
+        return [cell.run(seed) for seed in range(sweep.seeds) for cell in the_cells]
+    return [  # the first grid: what a tuned sweep trains before it reads a result
+        cell.run(seed, {tune.field: v})
+        for cell in the_cells
+        for v in tune.values
+        for seed in range(tune.seeds)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """A sweep's tuning stage (``sweep.tune``): each cell trains ``field`` at every value of
+    the grid with seeds ``0 .. seeds-1``; the value of least mean validation loss wins. When
+    the winner is an end of the grid, the grid grows past it by ``factor`` (up to
+    ``max_extend`` times per cell). The final stage then trains every cell at its own value
+    with seeds ``0 .. sweep.seeds-1``, reusing the tuning runs of its value."""
+
+    field: str
+    values: tuple[float, ...]
+    factor: float
+    max_extend: int
+    seeds: int
+
+    @classmethod
+    def of(cls, config: ConfigDict) -> Tuning | None:
+        """The ``sweep.tune`` block, checked (None when ``tune.field`` is empty or absent)."""
+        sweep: Any = config.sweep
+        t = sweep.get("tune")
+        if t is None or not t.field:
+            return None
+        try:
+            values = tuple(float(v) for v in str(t.grid).split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if len(set(values)) < 2:
+            raise ConfigError(
+                f"sweep.tune.grid={t.grid!r} needs >= 2 distinct numbers, e.g. '1e-3,2e-3,4e-3'"
+            )
+        if not t.factor > 1:
+            raise ConfigError(f"sweep.tune.factor={t.factor} must be > 1, e.g. 2.0")
+        if not 1 <= t.seeds <= sweep.seeds:
+            raise ConfigError(
+                f"sweep.tune.seeds={t.seeds} must be in [1, sweep.seeds={sweep.seeds}]"
+            )
+        if t.max_extend < 0:
+            raise ConfigError(f"sweep.tune.max_extend={t.max_extend} must be >= 0")
+        return cls(str(t.field), tuple(sorted(values)), float(t.factor), t.max_extend, t.seeds)
 
 
 def _set(c: ConfigDict, field: str, value: Any) -> None:
@@ -187,39 +270,179 @@ def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
         )
 
 
-def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
-    """Train every run of the sweep (skipping finished ones); returns each run's result."""
-    from ffn_jax.trainer import train_and_evaluate
+class _Stopped(Exception):
+    """A signal stopped a run: the sweep stops after it."""
 
-    all_runs = [(r, run_config(config, r)) for r in runs(config)]
+
+class _SweepTrainer:
+    """Trains the runs of one sweep directory: skips finished and diverged runs, records a
+    divergence instead of stopping, and keeps the sweep's wall time in ``TIMING_FILE``."""
+
+    def __init__(self, config: ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.results: list[dict] = []
+        self.started = time.perf_counter()
+        timing = os.path.join(workdir, TIMING_FILE)
+        self.before = read_json(timing)["wall_s"] if os.path.exists(timing) else 0.0
+
+    def save_timing(self) -> None:
+        wall = self.before + time.perf_counter() - self.started
+        write_json_atomic(os.path.join(self.workdir, TIMING_FILE), {"wall_s": wall})
+
+    def train(self, run: Run, extra: dict[str, Any] | None = None) -> None:
+        """Train ``run`` (its config plus the ``extra`` fields) unless done; raises
+        ``_Stopped`` if a signal stopped it."""
+        from ffn_jax.trainer import NonFiniteLossError, train_and_evaluate
+
+        c = run_config(self.config, run)
+        for field, value in (extra or {}).items():
+            _set(c, field, value)
+        spec = resolve(c, group=run.group)
+        run_dir = os.path.join(self.workdir, run.name)
+        if diverged(run_dir, spec.source):
+            log.info("%s: diverged before, skipped", run.name)
+            return
+        if run_is_finished(run_dir, spec.train.steps):
+            log.info("%s: finished, skipped", run.name)
+            return
+        log.info("%s: training", run.name)
+        try:
+            result = train_and_evaluate(spec, run_dir)
+        except NonFiniteLossError as e:
+            log.warning("%s diverged; the sweep goes on: %s", run.name, e)
+            marker = {"error": str(e), "config": dict(spec.source)}
+            write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), marker)
+            return
+        finally:
+            self.save_timing()
+        self.results.append({"name": run.name, **result})
+        if result["preempted"]:  # a signal stops the sweep, not just this run
+            log.warning(
+                "stopped the sweep after saving %s at step %d; rerun the same command to continue",
+                run.name,
+                result["step"],
+            )
+            raise _Stopped
+
+    def complete_eval(self, run: Run) -> None:
+        """Score the splits a finished tuning run skipped (the final stage reuses it)."""
+        from ffn_jax.evaluate import evaluate_run, read_eval
+
+        run_dir = os.path.join(self.workdir, run.name)
+        ev = read_eval(run_dir)
+        if ev is not None and "test" not in ev:
+            log.info("%s: scoring the test split", run.name)
+            evaluate_run(run_dir, splits=("test",))
+            self.save_timing()
+
+
+def diverged(run_dir: str, source: dict | Any) -> bool:
+    """Whether ``run_dir`` holds a divergence marker for this config."""
+    path = os.path.join(run_dir, DIVERGED_FILE)
+    return os.path.exists(path) and not config_diff(read_json(path)["config"], dict(source))
+
+
+def validation_loss(run_dir: str) -> float:
+    """The run's final validation loss (``inf`` if it diverged)."""
+    from ffn_jax.evaluate import read_eval
+
+    if os.path.exists(os.path.join(run_dir, DIVERGED_FILE)):
+        return math.inf
+    ev = read_eval(run_dir)
+    if ev is None:
+        raise FileNotFoundError(f"{run_dir} has no eval.json; rerun the sweep to finish it")
+    return float(ev["validation"]["loss"])
+
+
+def _tune(cell: Cell, tune: Tuning, trainer: _SweepTrainer) -> dict:
+    """Train ``cell``'s grid (extended past an edge while allowed); its tuning record."""
+    values, extended = list(tune.values), 0
+    only_val = {"train.eval_splits": "validation"}  # selection reads validation only
+    while True:
+        for v in values:
+            for seed in range(tune.seeds):
+                trainer.train(cell.run(seed, {tune.field: v}), only_val)
+        losses = [
+            float(
+                np.mean(
+                    [
+                        validation_loss(
+                            os.path.join(trainer.workdir, cell.run(s, {tune.field: v}).name)
+                        )
+                        for s in range(tune.seeds)
+                    ]
+                )
+            )
+            for v in values
+        ]
+        nxt = stats.extend_grid(values, losses, tune.factor) if extended < tune.max_extend else None
+        if nxt is None:
+            break
+        log.info("%s: best %s is the grid's edge; trying %g", cell.name, tune.field, nxt)
+        values.append(nxt)
+        extended += 1
+    order = np.argsort(values)
+    values, losses = [values[i] for i in order], [losses[i] for i in order]
+    return {
+        "values": values,
+        "val_loss": losses,
+        "chosen": values[stats.best_index(losses)],
+        "extended": extended,
+        "edge": stats.grid_edge(values, losses),
+    }
+
+
+def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
+    """Train every run of the sweep (skipping finished ones): with a ``sweep.tune`` block,
+    the tuning stage and then the final stage (``Tuning``). Returns each trained run's
+    result."""
+    tune = Tuning.of(config)
+    all_cells = cells(config)
     problems: list[str] = []
     sweep: Any = config.sweep
-    for _, c in all_runs[: len(all_runs) // sweep.seeds]:  # every run of seed 0
-        problems += [p for p in validate_config(c) if p not in problems]
+    first = {tune.field: tune.values[0]} if tune else None
+    for run in (cell.run(0, first) for cell in all_cells):  # one run of every cell
+        problems += [p for p in validate_config(run_config(config, run)) if p not in problems]
     if problems:
         raise ConfigError(problems)
     _check_sweep_dir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(os.path.join(workdir, SWEEP_FILE), config.to_dict())
 
-    results = []
-    for i, (run, c) in enumerate(all_runs):
-        name, run_dir = run.name, os.path.join(workdir, run.name)
-        spec = resolve(c, group=run.group)
-        if run_is_finished(run_dir, spec.train.steps):
-            log.info("[%d/%d] %s: finished, skipped", i + 1, len(all_runs), name)
-            continue
-        log.info("[%d/%d] %s: training", i + 1, len(all_runs), name)
-        result = train_and_evaluate(spec, run_dir)
-        results.append({"name": name, **result})
-        if result["preempted"]:  # a signal stops the sweep, not just this run
-            log.warning(
-                "stopped the sweep after saving %s at step %d; rerun the same command to continue",
-                name,
-                result["step"],
-            )
-            break
-    return results
+    trainer = _SweepTrainer(config, workdir)
+    try:
+        if tune is None:
+            for run in runs(config):
+                trainer.train(run)
+            return trainer.results
+        tuning = {}
+        for cell in all_cells:
+            tuning[cell.name] = {
+                "group": cell.group,
+                "field": tune.field,
+                **_tune(cell, tune, trainer),
+            }
+            write_json_atomic(os.path.join(workdir, TUNING_FILE), tuning)
+        for cell in all_cells:
+            if tuning[cell.name]["edge"]:
+                log.warning(
+                    "%s: the best %s (%g) is still an edge of the grid after %d extensions",
+                    cell.name,
+                    tune.field,
+                    tuning[cell.name]["chosen"],
+                    tune.max_extend,
+                )
+        for seed in range(sweep.seeds):
+            for cell in all_cells:
+                run = cell.run(seed, {tune.field: tuning[cell.name]["chosen"]})
+                trainer.train(run)
+                if seed < tune.seeds:
+                    trainer.complete_eval(run)
+    except _Stopped:
+        pass
+    finally:
+        trainer.save_timing()
+    return trainer.results
 
 
 def run_dirs(workdir: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import optax
 from flax import nnx
 
 from ffn_jax import data as data_lib
-from ffn_jax import memory, sharding
+from ffn_jax import memory, programs, sharding
 from ffn_jax.checkpoint import Checkpointer
 from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
 from ffn_jax.flops import flops_per_token, peak_flops
@@ -31,6 +32,7 @@ from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import lm_loss
 from ffn_jax.optim import make_schedule
 from ffn_jax.run import (
+    RunState,
     WorkdirLock,
     build_run_state,
     check_workdir,
@@ -86,6 +88,45 @@ def make_train_step(graphdef: nnx.GraphDef, t: TrainSpec):
         return nnx.state((model, opt)), metrics
 
     return step
+
+
+def _compile_train_step(spec: RunSpec, rs: RunState, state: nnx.State):
+    """The run's train step, lowered for its state and batch shardings and compiled."""
+    jitted = jax.jit(
+        make_train_step(rs.graphdef, spec.train),
+        in_shardings=(rs.state_shardings, rs.batch_sharding),
+        out_shardings=(rs.state_shardings, None),
+        donate_argnums=0,
+    )
+    batch_shape = (spec.data.batch_size, spec.data.seq_len + 1)
+    abstract_batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rs.batch_sharding)
+    return jitted.lower(state, abstract_batch).compile()
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where a run's wall time went (seconds, summed over the processes that ran it and
+    carried in the checkpoint meta): XLA compilation, evaluation, checkpoint saves, and
+    the whole of ``train_and_evaluate``; training is the rest of the loop."""
+
+    compile_s: float = 0.0
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
+    wall_s: float = 0.0
+    loop_s: float = 0.0  # the training loop, evaluations and checkpoints included (at the end)
+
+    def split(self) -> dict[str, float]:
+        """``{"wall_s", "compile_s", "eval_s", "checkpoint_s", "train_s", "other_s"}``."""
+        train = self.loop_s - self.eval_s - self.checkpoint_s
+        other = self.wall_s - self.loop_s - self.compile_s
+        return {
+            "wall_s": self.wall_s,
+            "compile_s": self.compile_s,
+            "eval_s": self.eval_s,
+            "checkpoint_s": self.checkpoint_s,
+            "train_s": train,
+            "other_s": other,
+        }
 
 
 def _summarise(window: list[dict]) -> dict:
@@ -160,6 +201,7 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
 
 
 def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
+    t_entry = time.perf_counter()
     t = spec.train
     prep = data_lib.prepare(spec.data, workdir)
     if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
@@ -185,6 +227,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
+    timing = Timing()
     # Per-step metrics since the last log row, carried over a resume (checkpoint meta) so
     # that the first row after it averages the same steps as an uninterrupted run's.
     window: list = []
@@ -197,6 +240,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     if restored is not None:
         state, meta, step = restored
         tokens_seen, time_before = meta["tokens_seen"], meta["train_time_s"]
+        timing = Timing(**meta.get("timing", {}))
         window = [
             {k: np.asarray(v, dtype=dt) for k, (dt, v) in r.items()} for r in meta.get("window", [])
         ]
@@ -205,19 +249,18 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     first_step, signalled = step, None
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
-        jitted = jax.jit(
-            make_train_step(rs.graphdef, t),
-            in_shardings=(rs.state_shardings, rs.batch_sharding),
-            out_shardings=(rs.state_shardings, None),
-            donate_argnums=0,
-        )
-        batch_shape = (spec.data.batch_size, spec.data.seq_len + 1)
-        abstract_batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=rs.batch_sharding)
         t0 = time.perf_counter()
-        train_step = jitted.lower(state, abstract_batch).compile()
+        train_step, reused = programs.cached(
+            "train_step", spec, lambda: _compile_train_step(spec, rs, state)
+        )
         compile_s = time.perf_counter() - t0
+        timing.compile_s += compile_s
         mem_estimate, mem_compiled = memory.log_memory(mem_estimate, train_step)
-        eval_step = make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding)
+        eval_step, _ = programs.cached(
+            "eval_step",
+            spec,
+            lambda: make_eval_step(rs.graphdef, rs.state_shardings, rs.batch_sharding),
+        )
 
     tokens_per_step = spec.tokens_per_step
     fpt = flops_per_token(spec.model, spec.data.seq_len)["train"]
@@ -227,6 +270,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         "n_params": rs.n_params,
         "flops_per_token": fpt,
         "compile_s": compile_s,
+        "compiled_step_reused": reused,
         "peak_flops_per_device": peak,
         "peak_source": peak_source,
         "devices": jax.device_count(),
@@ -245,6 +289,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     last_eval: dict = {}
     t_start = t_window = time.perf_counter()
     data_s = 0.0  # host time spent getting batches in the current log window
+    paused_s = 0.0  # time of evaluations and checkpoints in the current log window
     try:
         if pre.signal is not None:  # arrived during start-up: nothing new to save
             log.warning("signal %d during start-up: exiting before training", pre.signal)
@@ -274,7 +319,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                 if host:
                     _check_finite(host, step, ckpt)
                 if due_log:
-                    dt = time.perf_counter() - t_window
+                    dt = time.perf_counter() - t_window - paused_s
                     row = _summarise(host)
                     timed = len(window) - carried  # steps run (and timed) in this window
                     tps = tokens_per_step * timed / dt
@@ -290,11 +335,24 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                     )
                     writer.write(step, row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    if bar.disable and jax.process_index() == 0:  # no live bar: one line
+                        log.info(
+                            "%s step %d/%d: loss %.4f, %s tokens/s",
+                            spec.name,
+                            step,
+                            t.steps,
+                            row["loss"],
+                            f"{tps:,.0f}",
+                        )
                     window, t_window, data_s, carried = [], time.perf_counter(), 0.0, 0
+                    paused_s = 0.0
                 if last or (t.eval_every and step % t.eval_every == 0):
-                    if last and t.final_eval:  # every token of validation and test
-                        scores = score_splits(workdir, eval_step, state, step, spec, prep, rs)
-                        last_eval = scores["validation"]
+                    t_eval = time.perf_counter()
+                    if last and t.final_eval:  # every token of the final splits
+                        scores = score_splits(
+                            workdir, eval_step, state, step, spec, prep, rs, t.final_splits
+                        )
+                        last_eval = scores[t.final_splits[0]]
                     else:
                         last_eval = evaluate_split(
                             eval_step,
@@ -305,17 +363,24 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                             prep.tokenizer.token_bytes,
                             max_batches=t.eval_batches,
                         )
+                    last_eval = {k: v for k, v in last_eval.items() if k != "blocks"}
                     writer.write(
                         step,
                         {"tokens": tokens_seen, **{f"val_{k}": v for k, v in last_eval.items()}},
                     )
-                    t_window = time.perf_counter()
+                    timing.eval_s += time.perf_counter() - t_eval
+                    paused_s += time.perf_counter() - t_eval
                 if due_ckpt:
+                    t_ckpt = time.perf_counter()
                     meta = {
                         "step": step,
                         "tokens_seen": tokens_seen,
                         "name": spec.name,
                         "train_time_s": time_before + time.perf_counter() - t_start,
+                        "timing": {  # wall time so far, for a resumed run's total
+                            **dataclasses.asdict(timing),
+                            "wall_s": timing.wall_s + time.perf_counter() - t_entry,
+                        },
                         "window": [  # (dtype, values): the float32 means stay bit-exact
                             {
                                 k: (str(np.asarray(v).dtype), np.asarray(v).tolist())
@@ -325,6 +390,8 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                         ],
                     }
                     ckpt.save(step, state, meta, train_iter, force=last or preempted)
+                    timing.checkpoint_s += time.perf_counter() - t_ckpt
+                    paused_s += time.perf_counter() - t_ckpt
                 if preempted:
                     log.warning(
                         "signal %d: saved a checkpoint at step %d, exiting", pre.signal, step
@@ -334,8 +401,16 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                     break
             if step == t.steps and step > first_step:  # not again when rerun once finished
                 train_time = time_before + time.perf_counter() - t_start
+                timing.wall_s += time.perf_counter() - t_entry
+                timing.loop_s = train_time
                 writer.write(
-                    step, {"event": "end", "train_time_s": train_time, "tokens": tokens_seen}
+                    step,
+                    {
+                        "event": "end",
+                        "train_time_s": train_time,
+                        "tokens": tokens_seen,
+                        **timing.split(),
+                    },
                 )
     finally:
         bar.close()

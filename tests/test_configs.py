@@ -1,9 +1,11 @@
 """Every shipped config and preset validates and builds its model (abstractly)."""
 
+import numpy as np
 import pytest
 from flax import nnx
 
 from configs import base, compare
+from ffn_jax import sweep
 from ffn_jax.configuration import validate_config
 from ffn_jax.model import LM
 from ffn_jax.spec import padded_vocab
@@ -31,17 +33,27 @@ def test_base_config_builds(size, variant):
 def test_compare_preset_runs_build(preset):
     c = compare.get_config(preset)
     names = c.sweep.variants.split(",")
-    runs = run_configs(c)
-    assert len(runs) == len(names) * c.sweep.seeds
-    for _, run in runs[: len(names)]:
-        _builds(run)
+    cells = sweep.cells(c)
+    assert [cell.name for cell in cells] == names
+    tune = sweep.Tuning.of(c)
+    extra = {tune.field: tune.values[0]} if tune else None
+    for cell in cells:
+        _builds(sweep.run_config(c, cell.run(0, extra)))
+    if preset in ("cpu", "quick"):  # the README's main job and its smoke run are tuned
+        assert tune is not None and tune.field == "train.lr" and c.sweep.seeds >= 2
+    if preset == "cpu":
+        assert len(tune.values) >= 5 and c.sweep.seeds >= 5
+        ratios = np.array(tune.values[1:]) / np.array(tune.values[:-1])
+        np.testing.assert_allclose(ratios, tune.factor)
 
 
 def test_cpu_preset_is_parameter_matched():
     from ffn_jax.report import param_counts
 
     counts = {}
-    for name, run in run_configs(compare.get_config("cpu"))[:11]:
+    c = compare.get_config("cpu")
+    c.sweep.tune.field = ""
+    for name, run in run_configs(c)[:11]:
         counts[name] = param_counts(run_spec(run).model)["params_active"]
     base_count = counts["relu-s0"]
     assert all(abs(n / base_count - 1) < 0.02 for n in counts.values()), counts
@@ -66,7 +78,7 @@ def test_unknown_compare_preset():
 
 def test_original_block_is_a_compare_row():
     c = compare.get_config("cpu")
-    c.sweep.variants = "relu,original"
+    c.sweep.variants, c.sweep.tune.field = "relu,original", ""
     runs = dict(run_configs(c))
     orig = runs["original-s0"].model
     assert (orig.norm_position, orig.positions, orig.norm, orig.ffn) == (

@@ -519,7 +519,9 @@ def test_eval_scores_every_token_once(tmp_path, process_count):
             shard, seq_len=seq_len, batch_size=batch, max_batches=2, token_bytes=token_bytes
         )
     )
+    # A subsample spans the split: the first and the last of its 4 batches.
     assert len(first) == 2 and first[0]["inputs"][0, 0] == 0
+    assert first[1]["inputs"][0, 0] == 3 * batch * seq_len
 
 
 def test_eval_bytes_sum_to_split_bytes(shakespeare_byte):

@@ -1,5 +1,6 @@
 """The optimiser and the schedule registry against values computed by hand."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -48,4 +49,25 @@ def test_clipping_and_decay():
     np.testing.assert_allclose(updates["scale"], 0.0)
     assert isinstance(tx, optax.GradientTransformation)
     unclipped = optim.make_optimizer(train_spec(grad_clip=0.0))
-    assert len(tx.init(params)) == 2 and len(unclipped.init(params)) != 2  # chain vs adamw
+    inner = tx.init(params).inner_state
+    assert len(inner) == 2 and len(unclipped.init(params).inner_state) != 2  # chain vs adamw
+
+
+def test_the_learning_rate_is_state_so_an_lr_sweep_shares_one_program():
+    params = {"w": jnp.ones((4, 4))}
+    grads = {"w": jnp.arange(16.0).reshape(4, 4) - 7.5}
+
+    def step(tx, state):
+        return tx.update(grads, state, params)[0]["w"]
+
+    hlo = {}
+    updates = {}
+    for lr in (1e-3, 4e-3):
+        t = train_spec(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
+        tx = optim.make_optimizer(t)
+        state = tx.init(params)
+        assert float(state.hyperparams["learning_rate"]) == pytest.approx(lr)
+        hlo[lr] = jax.jit(lambda s, tx=tx: step(tx, s)).lower(state).as_text()
+        updates[lr] = step(tx, state)
+    assert hlo[1e-3] == hlo[4e-3]  # lr is an input, not a constant of the program
+    np.testing.assert_allclose(updates[4e-3], 4 * updates[1e-3], rtol=1e-6)

@@ -1,9 +1,11 @@
-"""The comparison report on synthetic records: aggregation, the paired test, the table."""
+"""The comparison report on synthetic records: aggregation, the contrasts and their
+multiplicity correction, the table."""
 
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from ffn_jax import report
 
@@ -18,7 +20,11 @@ def record(variant, seed, test_loss, **group):
         "variant": variant,
         "seed": seed,
         "causal": variant != "ec",
+        "moe": variant.startswith("moe"),
+        "ffn": "swiglu" if variant.startswith("moe") else variant,
+        "tuned": None,
         "tokens": 1000,
+        "epochs": 0.5,
         "step": 10,
         "target_steps": 10,
         "flops_per_token": 2e6,
@@ -27,6 +33,8 @@ def record(variant, seed, test_loss, **group):
         "tokens_per_s": 100.0 + seed,
         "mfu": 0.5,
         "train_time_s": None if seed else 10.0,
+        "drop_fraction": None,
+        "test_loss_ci_halfwidth": 0.01,
         "curve": [(500, test_loss + 1), (1000, test_loss)],
     }
     for split in report.SPLITS:
@@ -40,31 +48,67 @@ RELU = [2.0, 2.1, 2.2]
 SWIGLU = [1.9, 2.05, 2.1]  # diffs -0.1, -0.05, -0.1
 
 
-def test_aggregate_means_stds_and_paired_test_by_hand():
+def test_aggregate_means_stds_and_paired_interval_by_hand():
     recs = [record("relu", s, v) for s, v in enumerate(RELU)]
     recs += [record("swiglu", s, v) for s, v in enumerate(SWIGLU)]
     rows = {r["variant"]: r for r in report.aggregate(recs)}
     relu, swiglu = rows["relu"], rows["swiglu"]
-    assert relu["seeds"] == 3 and relu["significant"] == "baseline"
+    assert relu["seeds"] == 3 and relu["significant"] == "reference"
     assert relu["test_loss_mean"] == pytest.approx(2.1)
     assert relu["test_loss_std"] == pytest.approx(0.1)  # sample std (ddof 1)
     diffs = np.array(SWIGLU) - np.array(RELU)
     se = diffs.std(ddof=1) / math.sqrt(3)
+    half = 4.302652729911275 * se  # t_{0.975, df=2}
     assert swiglu["d_test_loss"] == pytest.approx(diffs.mean())
-    assert swiglu["d_test_loss_se"] == pytest.approx(se)
-    t = abs(diffs.mean() / se)  # 8.66 > 4.303 (df 2)
-    assert swiglu["significant"] == ("yes" if t > report.T_CRIT_95[2] else "no") == "yes"
+    assert swiglu["d_test_loss_lo"] == pytest.approx(diffs.mean() - half)
+    assert swiglu["d_test_loss_hi"] == pytest.approx(diffs.mean() + half)
+    assert swiglu["p_raw"] == pytest.approx(scipy.stats.ttest_1samp(diffs, 0).pvalue)
+    assert swiglu["p_holm"] == swiglu["p_raw"]  # a family of one
+    assert swiglu["significant"] == "yes"  # p = 0.013
     assert swiglu["train_time_s"] == 10.0  # mean over the runs that have it
     assert swiglu["tokens_per_s"] == pytest.approx(101.0)
 
 
-def test_paired_test_edge_cases():
-    assert report._paired_test([0.1])[2] == "n/a (1 seed)"
-    assert report._paired_test([0.1, 0.1]) == (pytest.approx(0.1), 0.0, "yes")
-    assert report._paired_test([0.1, -0.1])[2] == "no"
-    recs = [record("swiglu", 0, 2.0)]  # no baseline in the sweep
-    (row,) = report.aggregate(recs)
-    assert row["significant"] == "no finished relu" and math.isnan(row["d_test_loss"])
+def test_holm_over_the_family_and_moe_rows_against_dense_swiglu():
+    shifts = {"gelu": [-0.05, -0.06, -0.04], "swish": [0.01, -0.01, 0.02]}
+    recs = [record("relu", s, v) for s, v in enumerate(RELU)]
+    recs += [record("swiglu", s, v) for s, v in enumerate(SWIGLU)]
+    recs += [record(n, s, RELU[s] + d[s]) for n, d in shifts.items() for s in range(3)]
+    recs += [record("moe_top1", s, SWIGLU[s] + 0.02 + 0.001 * s) for s in range(3)]
+    rows = {r["variant"]: r for r in report.aggregate(recs)}
+    assert rows["moe_top1"]["reference"] == "swiglu"
+    assert rows["moe_top1"]["d_test_loss"] == pytest.approx(0.021)
+    assert rows["gelu"]["reference"] == "relu"
+    family = ["swiglu", "gelu", "swish", "moe_top1"]
+    raw = [rows[n]["p_raw"] for n in family]
+    m, order = len(raw), np.argsort(raw)
+    want, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):  # Holm's step-down, written out
+        running = max(running, min(1.0, (m - rank) * raw[i]))
+        want[i] = running
+    assert [rows[n]["p_holm"] for n in family] == pytest.approx(want)
+    assert rows["swish"]["significant"] == "no" and rows["moe_top1"]["significant"] == "yes"
+
+
+def test_primary_contrast_is_gated_minus_ungated_per_seed():
+    recs = [record("relu", s, v) for s, v in enumerate(RELU)]
+    recs += [record("gelu", s, v + 0.02) for s, v in enumerate(RELU)]
+    recs += [record("swiglu", s, v) for s, v in enumerate(SWIGLU)]
+    recs += [record("geglu", s, v - 0.02) for s, v in enumerate(SWIGLU)]
+    (t,) = report.primary_contrast(report.aggregate(recs)).values()
+    per_seed = np.array(SWIGLU) - np.array(RELU) - 0.02  # (s + g)/2 - (r + ge)/2
+    assert t.n == 3 and t.mean == pytest.approx(per_seed.mean())
+
+
+def test_single_seed_and_missing_reference():
+    (row,) = report.aggregate([record("swiglu", 0, 2.0)])  # no relu in the sweep
+    assert row["significant"] == "no reference" and math.isnan(row["d_test_loss"])
+    rows = {
+        r["variant"]: r for r in report.aggregate([record("relu", 0, 2.0), record("gelu", 0, 1.9)])
+    }
+    assert (
+        rows["gelu"]["d_test_loss"] == pytest.approx(-0.1) and rows["gelu"]["significant"] == "n/a"
+    )
 
 
 def test_axes_make_groups_paired_at_the_same_value():
@@ -91,12 +135,13 @@ def test_markdown_table_is_derived_from_the_columns():
     table = report.markdown_table(report.aggregate(recs))
     head, rule, *lines = table.splitlines()
     headers = [h.strip() for h in head.strip("|").split("|")]
-    assert headers == [h for h, _ in report._markdown_columns()]
+    shown = [h for h, _ in report._markdown_columns() if h not in ("tuned", "drops (train)")]
+    assert headers == shown  # untuned, no MoE: those two columns are left out
     assert headers[:3] == ["variant", "params (total / active)", "train MFLOPs/tok"]
     assert "test bits/byte" in headers and headers[-1] == "time (s)"
     assert rule.count("---|") == len(headers)
     assert lines[0].startswith("| relu |") and lines[1].startswith("| ec (non-causal!) |")
-    assert "10.000M / 5.000M" in lines[0] and "| — | baseline |" in lines[0]
+    assert "10.000M / 5.000M" in lines[0] and "| — | reference |" in lines[0]
 
 
 def test_csv_fields_cover_every_column():
@@ -104,9 +149,11 @@ def test_csv_fields_cover_every_column():
     fields = report.csv_fields(rows)
     assert fields[:2] == ["variant", "seeds"] and "label" not in fields
     for col in report.COLUMNS:
+        if col.key in ("label", "beats"):
+            continue
         if col.agg == "seeds":
             assert {f"{col.key}_mean", f"{col.key}_std"} <= set(fields)
-        elif col.key not in ("label",):
+        else:
             assert col.key in fields, col.key
 
 

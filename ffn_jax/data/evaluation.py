@@ -35,17 +35,19 @@ def eval_batches(
     shape, 1 where the target is a real token. bytes: UTF-8 bytes of the scored targets
     of the whole *global* batch (all processes' rows), so it pairs with an NLL summed
     over the global batch; summed over a full pass it equals ``shard.n_bytes``.
-    All batches when ``max_batches == 0``, else the first ``max_batches``.
+    All batches when ``max_batches == 0``, else ``max_batches`` of them evenly spaced over
+    the split (a subsample that covers it, not its beginning).
     """
     pi, _, rows = process_rows(batch_size, process_index, process_count, "batch_size")
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
     tokens, n = shard.tokens, shard.n_tokens
     n_batches = math.ceil(math.ceil((n - 1) / seq_len) / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
+    picked = range(n_batches)
+    if max_batches and max_batches < n_batches:
+        picked = np.unique(np.linspace(0, n_batches - 1, max_batches).round().astype(int))
     span = rows * seq_len
-    for b in range(n_batches):
+    for b in map(int, picked):
         start = b * batch_size * seq_len + pi * span  # first input position of our rows
         block = np.zeros(span + 1, np.int32)
         piece = np.asarray(tokens[min(start, n) : min(start + span + 1, n)], np.int32)

@@ -16,7 +16,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", default="", help="comma-separated layer indices (default: all)")
     ap.add_argument("--neurons", type=int, default=8, help="neurons per dense layer")
     ap.add_argument("--contexts", type=int, default=5, help="top contexts per neuron")
-    ap.add_argument("--windows", type=int, default=64, help="validation windows to scan")
+    ap.add_argument(
+        "--windows",
+        type=int,
+        default=64,
+        help="validation windows to scan, evenly spaced over the split",
+    )
     ap.add_argument(
         "--experts",
         action=argparse.BooleanOptionalAction,

@@ -20,32 +20,43 @@ from ffn_jax.moe import MoEFFN
 if TYPE_CHECKING:
     from ffn_jax.spec import ModelSpec
 
-PROMOTED_TOKENS = 8  # promoted tokens listed per neuron
+PROMOTED_TOKENS = 8  # promoted (and suppressed) tokens listed per neuron
+COUNT_CHUNK = 1 << 24  # training-split tokens counted per pass (bounded memory)
 
 Decode = Callable[[np.ndarray], str]
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """One activating position: window, position in it, activation, decoded text pieces."""
+    """One activating position: window, position in it, ``offset`` (the trigger's token index
+    in the split), the signed activation and the decoded text pieces."""
 
     window: int
     position: int
+    offset: int
     activation: float
     left: str
     token: str
     right: str
 
+    @property
+    def sign(self) -> str:
+        """``"+"`` or ``"-"``: the activation's sign (gated units fire both ways)."""
+        return "-" if self.activation < 0 else "+"
+
 
 @dataclasses.dataclass(frozen=True)
 class Neuron:
-    """A hidden unit of one layer: its top contexts and promoted ``(token id, logit)``."""
+    """A hidden unit of one layer: ``peak`` (its activation of largest magnitude, signed), its
+    top contexts by ``|activation|``, and the ``(token id, logit)`` its value promotes and
+    suppresses (see ``value_logits`` and ``value_tokens``)."""
 
     layer: int
     index: int
-    max_activation: float
+    peak: float
     contexts: list[Context]
     promoted: list[tuple[int, float]]
+    suppressed: list[tuple[int, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +71,38 @@ class ExpertTokens:
 
 
 @dataclasses.dataclass(frozen=True)
+class Windows:
+    """Windows sampled from a split: ``tokens_wt`` int32 ``(W, T)``, their first tokens'
+    indices in the split ``starts_w (W,)``, and ``split_tokens``, the split's length."""
+
+    tokens_wt: np.ndarray
+    starts_w: np.ndarray
+    split_tokens: int
+
+    @property
+    def size(self) -> int:
+        """Tokens scanned: ``W * T``."""
+        return self.tokens_wt.size
+
+
+@dataclasses.dataclass(frozen=True)
 class Inspection:
-    """What ``inspect_run`` found: neurons per dense layer and expert tokens per MoE layer."""
+    """What ``inspect_run`` found: the scanned validation ``windows``, neurons per dense layer,
+    expert tokens per MoE layer, ``seen`` (token ids occurring in the training split, the
+    candidates for promoted tokens) and whether the value logits are ``centred``."""
 
     step: int
-    tokens: int
+    windows: Windows
     neurons: dict[int, list[Neuron]]
     experts: dict[int, ExpertTokens]
+    seen: int
+    vocab: int
+    centred: bool
+
+    @property
+    def tokens(self) -> int:
+        """Validation tokens scanned."""
+        return self.windows.size
 
 
 # ---- checking the request ------------------------------------------------------------
@@ -117,14 +153,36 @@ def check_request(
         )
 
 
+# ---- choosing the tokens ------------------------------------------------------------
+
+
+def spread_windows(tokens: np.ndarray, seq_len: int, windows: int) -> Windows:
+    """``windows`` windows of ``seq_len`` tokens evenly spaced over the whole split, the first
+    at its start and the last at its end (fewer when the split holds fewer complete windows;
+    they never overlap). ValueError when the split is shorter than one window."""
+    n = len(tokens)
+    count = min(windows, n // seq_len)
+    if count < 1:
+        raise ValueError(
+            f"the validation split has {n} tokens, fewer than one window of "
+            f"data.seq_len={seq_len}; inspect a run whose data has a longer validation split"
+        )
+    # Integer spacing >= seq_len whenever count <= n // seq_len: the windows are disjoint.
+    starts_w = np.arange(count, dtype=np.int64) * (n - seq_len) // max(count - 1, 1)
+    tokens_wt = np.stack([np.asarray(tokens[s : s + seq_len], np.int32) for s in starts_w])
+    return Windows(tokens_wt, starts_w, n)
+
+
+def seen_tokens(tokens: np.ndarray, vocab: int) -> np.ndarray:
+    """Which of the ``vocab`` token ids occur in ``tokens`` (a split): bool ``(vocab,)``,
+    counted ``COUNT_CHUNK`` tokens at a time so a memmapped split is never copied whole."""
+    counts_v = np.zeros(vocab, np.int64)
+    for s in range(0, len(tokens), COUNT_CHUNK):
+        counts_v += np.bincount(np.asarray(tokens[s : s + COUNT_CHUNK]), minlength=vocab)[:vocab]
+    return counts_v > 0
+
+
 # ---- running the model ---------------------------------------------------------------
-
-
-def first_windows(tokens: np.ndarray, seq_len: int, windows: int) -> np.ndarray:
-    """The first ``windows`` complete, non-overlapping windows of a split: int32 ``(W, T)``
-    (fewer if the split is shorter)."""
-    n = min(windows, len(tokens) // seq_len)
-    return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
 def trace(
@@ -152,17 +210,19 @@ def trace(
 def merge_top(
     vals_fc: np.ndarray, idx_fc: np.ndarray, new_vals: np.ndarray, new_idx: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the ``k`` largest of two ``(f, c)`` candidate sets (ties: earlier first)."""
+    """Per row, the ``k`` largest in magnitude of two ``(f, c)`` sets of signed activations
+    (ties: earlier first)."""
     vals = np.concatenate([vals_fc, new_vals], axis=1)
     idx = np.concatenate([idx_fc, new_idx], axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")[:, :k]
+    order = np.argsort(-np.abs(vals), axis=1, kind="stable")[:, :k]
     return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
 
 
 @dataclasses.dataclass
 class Scanned:
-    """What ``scan_windows`` collects: per hidden layer the top activations ``(f, c)`` of every
-    neuron and their flat token indices; per routed layer the counts ``(E, vocab)``."""
+    """What ``scan_windows`` collects: per hidden layer the signed activations ``(f, c)`` of
+    largest magnitude of every neuron and their flat token indices into the windows; per
+    routed layer the counts ``(E, vocab)``."""
 
     top: dict[int, tuple[np.ndarray, np.ndarray]]
     counts: dict[int, np.ndarray]
@@ -178,9 +238,10 @@ def scan_windows(
     vocab: int,
     batch: int = 8,
 ) -> Scanned:
-    """Stream the windows through ``trace``, ``batch`` at a time: per hidden layer the top
-    ``contexts`` activations of every neuron ``(f, c)`` with flat token indices, per routed
-    layer the assignment counts ``(E, vocab)``."""
+    """Stream the windows through ``trace``, ``batch`` at a time: per hidden layer the
+    ``contexts`` activations of largest ``|a|`` of every neuron, signed, ``(f, c)`` with flat
+    token indices (gated units are sign-symmetric: a large negative activation writes
+    ``-w2[i]`` just as strongly), per routed layer the assignment counts ``(E, vocab)``."""
     graphdef, state = nnx.split(model)
     hl, rl = frozenset(hidden_layers), frozenset(route_layers)
 
@@ -188,10 +249,11 @@ def scan_windows(
     def step(state, tokens_bt):
         _, hidden, routes = trace(nnx.merge(graphdef, state), tokens_bt, hl, rl)
         k = min(contexts, tokens_bt.size)
-        top = {
-            i: jax.lax.top_k(h.reshape(-1, h.shape[-1]).astype(jnp.float32).T, k)
-            for i, h in hidden.items()
-        }
+        top = {}
+        for i, h in hidden.items():
+            a_fn = h.reshape(-1, h.shape[-1]).astype(jnp.float32).T
+            _, idx_fk = jax.lax.top_k(jnp.abs(a_fn), k)
+            top[i] = (jnp.take_along_axis(a_fn, idx_fk, 1), idx_fk)
         return top, routes
 
     run = Scanned(top={}, counts={})
@@ -216,33 +278,77 @@ def scan_windows(
 # ---- from activations to neurons -----------------------------------------------------
 
 
-def block_param(model: LM, layer: int, name: str) -> np.ndarray:
-    """FFN parameter ``name`` of block ``layer`` (unstacked from its group)."""
+def block_param(model: LM, layer: int, module: str, name: str) -> np.ndarray:
+    """Parameter ``name`` of sub-module ``module`` (``"ffn"``, ``"norm1"``, ...) of block
+    ``layer``, unstacked from its group."""
     n = len(model.layers.blocks)  # blocks per stacked group
-    stacked = getattr(model.layers.blocks[layer % n].ffn, name)[...]
+    stacked = getattr(getattr(model.layers.blocks[layer % n], module), name)[...]
     return np.asarray(stacked[layer // n])
 
 
-def promoted_tokens(
-    model: LM, layer: int, neuron: int, top: int, vocab: int
-) -> list[tuple[int, float]]:
-    """The ``top`` token ids (< ``vocab``: padding ids excluded) with the largest
-    ``w2[neuron] @ E`` and their values (see the module docstring)."""
-    w2_d = block_param(model, layer, "w2")[neuron]
-    scores_v = (w2_d @ np.asarray(model.output_embedding()))[:vocab]
-    ids = np.argsort(-scores_v, kind="stable")[:top]
-    return [(int(i), float(scores_v[i])) for i in ids]
+def residual_norms(model: LM, layer: int) -> list[tuple[np.ndarray, bool]]:
+    """The norms that the FFN output of ``layer`` passes through on its direct path to the
+    logits, in order, each as ``(scale (d,), centres)`` (``centres``: a LayerNorm, which
+    subtracts the mean over ``d``). Pre-norm: the final norm. Post-norm (no final norm): the
+    block's own ``norm2`` and ``norm1``, ``norm2`` of every later block, the last of them
+    the model's effective final norm."""
+    if model.final_norm is not None:
+        return [(np.asarray(model.final_norm.scale[...]), model.final_norm.kind == "layer")]
+    n = len(model.layers.blocks)
+    later = range(layer + 1, n * model.n_groups)
+    path = [(layer, "norm2")] + [(i, f"norm{j}") for i in later for j in (1, 2)]
+    return [
+        (
+            block_param(model, i, name, "scale"),
+            getattr(model.layers.blocks[i % n], name).kind == "layer",
+        )
+        for i, name in path
+    ]
 
 
-def context(
-    windows_wt: np.ndarray, flat: int, activation: float, width: int, decode: Decode
-) -> Context:
+def value_logits(model: LM, layer: int, neurons: np.ndarray) -> np.ndarray:
+    """The direct logit contribution of each neuron's value per unit of activation:
+    ``fold(w2[i]) @ E``, ``(len(neurons), v)`` over the padded vocabulary. ``fold`` applies
+    the learned per-dimension part of the norms between the FFN and the logits
+    (``residual_norms``: the scale, and a LayerNorm's mean subtraction, both linear); the
+    norm's division by the token's RMS and its bias depend on the token or not on the neuron
+    and are left out. ``E (d, v)`` is the model's output projection (``LM.output_embedding``:
+    the embedding transposed when tied)."""
+    v_nd = block_param(model, layer, "ffn", "w2")[np.asarray(neurons)].astype(np.float32)
+    for scale_d, centres in residual_norms(model, layer):
+        if centres:
+            v_nd = v_nd - v_nd.mean(-1, keepdims=True)
+        v_nd = v_nd * scale_d
+    return v_nd @ np.asarray(model.output_embedding(), np.float32)
+
+
+def value_tokens(
+    logits_v: np.ndarray, seen_v: np.ndarray, top: int, centre: bool = True
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """``(promoted, suppressed)``: the ``top`` token ids with the largest and with the
+    smallest logit in ``logits_v`` among the ids with ``seen_v`` (bool over the tokenizer's
+    ids; padding ids and ids never seen in training are never listed) and their logits,
+    minus the mean logit over the seen ids when ``centre``."""
+    ids = np.flatnonzero(seen_v[: len(logits_v)])
+    scores = logits_v[ids].astype(np.float64)
+    if centre and len(ids):
+        scores = scores - scores.mean()
+    up = np.argsort(-scores, kind="stable")[:top]
+    down = np.argsort(scores, kind="stable")[:top]
+    return (
+        [(int(ids[j]), float(scores[j])) for j in up],
+        [(int(ids[j]), float(scores[j])) for j in down],
+    )
+
+
+def context(windows: Windows, flat: int, activation: float, width: int, decode: Decode) -> Context:
     """The window text around flat token index ``flat``, ``width`` tokens either side."""
-    w, p = divmod(int(flat), windows_wt.shape[1])
-    row = windows_wt[w]
+    w, p = divmod(int(flat), windows.tokens_wt.shape[1])
+    row = windows.tokens_wt[w]
     return Context(
         w,
         p,
+        int(windows.starts_w[w]) + p,
         float(activation),
         decode(row[max(0, p - width) : p]),
         decode(row[p : p + 1]),
@@ -254,26 +360,27 @@ def top_neurons(
     model: LM,
     layer: int,
     top: tuple[np.ndarray, np.ndarray],
-    windows_wt: np.ndarray,
+    windows: Windows,
     *,
     neurons: int,
     width: int,
-    vocab: int,
+    seen: np.ndarray,
     decode: Decode,
+    centre: bool = True,
 ) -> list[Neuron]:
-    """The ``neurons`` units of ``layer`` with the highest maximum activation, best first."""
+    """The ``neurons`` units of ``layer`` with the largest ``|activation|``, best first, each
+    with its contexts and value tokens (``value_tokens`` over the ``seen`` ids)."""
     vals_fc, idx_fc = top
-    order = np.argsort(-vals_fc[:, 0], kind="stable")[:neurons]
-    return [
-        Neuron(
-            layer,
-            int(i),
-            float(vals_fc[i, 0]),
-            [
-                context(windows_wt, j, v, width, decode)
-                for v, j in zip(vals_fc[i], idx_fc[i], strict=True)
-            ],
-            promoted_tokens(model, layer, int(i), PROMOTED_TOKENS, vocab),
-        )
-        for i in order
-    ]
+    order = np.argsort(-np.abs(vals_fc[:, 0]), kind="stable")[:neurons]
+    if not len(order):
+        return []
+    logits_nv = value_logits(model, layer, order)
+    found = []
+    for i, logits_v in zip(order, logits_nv, strict=True):
+        promoted, suppressed = value_tokens(logits_v, seen, PROMOTED_TOKENS, centre)
+        contexts = [
+            context(windows, j, v, width, decode)
+            for v, j in zip(vals_fc[i], idx_fc[i], strict=True)
+        ]
+        found.append(Neuron(layer, int(i), float(vals_fc[i, 0]), contexts, promoted, suppressed))
+    return found

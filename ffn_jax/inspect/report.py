@@ -33,22 +33,31 @@ def code(text: str, cell: bool = False) -> str:
 
 
 def context_line(c: Context) -> str:
-    """One context: activation, place and the text with the trigger marked ``[[tok]]``."""
+    """One context: signed activation, place and the text with the trigger marked
+    ``[[tok]]``."""
     return (
-        f"- {c.activation:.3f} (window {c.window}, position {c.position}): "
-        f"{code(f'{c.left}[[{c.token}]]{c.right}')}"
+        f"- {c.activation:+.3f} (validation token {c.offset:,}: window {c.window}, "
+        f"position {c.position}): {code(f'{c.left}[[{c.token}]]{c.right}')}"
     )
 
 
+def token_list(tokens: list[tuple[int, float]], decode: Decode) -> str:
+    """``tok +0.12, tok -0.03, ...`` for ``(token id, logit)`` pairs."""
+    return ", ".join(f"{code(decode(np.array([i])))} {v:+.2f}" for i, v in tokens)
+
+
 def neuron_section(n: Neuron, decode: Decode) -> list[str]:
-    """Markdown lines for one neuron: its top contexts and promoted tokens."""
-    promoted = ", ".join(f"{code(decode(np.array([i])))} {v:+.2f}" for i, v in n.promoted)
+    """Markdown lines for one neuron: its top contexts and promoted / suppressed tokens."""
+    negative = sum(c.activation < 0 for c in n.contexts)
     return [
-        f"#### Layer {n.layer}, neuron {n.index} (max activation {n.max_activation:.3f})",
+        f"#### Layer {n.layer}, neuron {n.index} (peak activation {n.peak:+.3f}; "
+        f"{negative} of {len(n.contexts)} top contexts negative)",
         "",
         *map(context_line, n.contexts),
         "",
-        f"Promotes: {promoted}",
+        f"Promotes: {token_list(n.promoted, decode)}",
+        "",
+        f"Suppresses: {token_list(n.suppressed, decode)}",
         "",
     ]
 
@@ -124,15 +133,49 @@ def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
 
 
 def header(spec: RunSpec, found: Inspection, layers: list[int]) -> list[str]:
-    """Title and the settings the numbers depend on."""
-    m, t = spec.model, spec.data.seq_len
+    """Title, where the tokens come from, and the settings the numbers depend on."""
+    m, w = spec.model, found.windows
+    count, t = w.tokens_wt.shape
+    starts = ", ".join(f"{s:,}" for s in w.starts_w[:3]) + (
+        f", ..., {w.starts_w[-1]:,}" if count > 3 else ""
+    )
+    spacing = f", one every {int(np.diff(w.starts_w).mean()):,} tokens" if count > 1 else ""
     return [
         f"# Inside the FFN: {spec.name}, step {found.step}",
         "",
-        f"{found.tokens:,} validation tokens (the first {found.tokens // t} windows of {t}); "
-        f"layers {', '.join(map(str, layers))}; FFN {m.ffn}, d_ff {m.d_ff}, "
-        f"{m.norm_position}-norm. See `ffn_jax/inspect/__init__.py` for the "
+        f"{found.tokens:,} validation tokens scanned: {count} windows of {t} evenly spaced "
+        f"over the whole {w.split_tokens:,}-token validation split (starting at tokens "
+        f"{starts}{spacing}). Layers {', '.join(map(str, layers))}; FFN {m.ffn}, "
+        f"d_ff {m.d_ff}, {m.norm_position}-norm. See `ffn_jax/inspect/__init__.py` for the "
         "definitions.",
+        "",
+    ]
+
+
+def neurons_intro(spec: RunSpec, found: Inspection) -> list[str]:
+    """What the key-value section ranks and lists, with the run's norm folding and the
+    candidate tokens."""
+    folded = (
+        "the final norm's scale"
+        if spec.model.norm_position == "pre"
+        else "the scales of the post-norms after the FFN on the residual path"
+    )
+    if spec.model.norm == "layer":
+        folded += " and LayerNorm's mean subtraction"
+    centred = (
+        "centred: the mean logit over those ids subtracted"
+        if found.centred
+        else "not centred (raw logits)"
+    )
+    return [
+        "## Key-value memories",
+        "",
+        "Neurons ranked by their largest |activation| (gated units fire both ways: a "
+        "negative activation writes `-w2[i]`); each with its top-|activation| contexts, "
+        "signed (trigger token `[[marked]]`). Promotes / suppresses: the largest and "
+        f"smallest direct logits of the neuron's `w2` row ({folded} folded in) through the "
+        f"output embedding, among the {found.seen} of {found.vocab} token ids seen in the "
+        f"training split, {centred}. A negative activation swaps the two lists.",
         "",
     ]
 
@@ -144,14 +187,7 @@ def write_report(
     path."""
     lines = header(spec, found, layers)
     if found.neurons:
-        lines += [
-            "## Key-value memories",
-            "",
-            "Neurons with the highest activation; each with its top-activating contexts "
-            "(trigger token `[[marked]]`) and the tokens its `w2` row promotes through "
-            "the output embedding.",
-            "",
-        ]
+        lines += neurons_intro(spec, found)
         for i in layers:
             if spec.model.is_moe_layer(i):
                 lines += [f"### Layer {i}: MoE (experts, below)", ""]

@@ -2,6 +2,9 @@
 
 ``w`` is a dict of the present parameters: ``w1_edf``, ``w2_efd`` and, when present,
 ``w3_edf`` (gated variants), ``b1_ef``, ``b3_ef``, ``b2_ed``, keyed ``w1, w3, w2, b1, b3, b2``.
+``act`` is the FFN's hidden activation from ``ffn_jax.ffn.hidden_activation``: the variant's
+function, times the ``model.ffn_init`` gain when that is not 1, so experts scale their hidden
+activations exactly as the dense FFN does.
 Three implementations with identical results:
 
 * ``dense_experts``: a batched einsum over an ``(E, C, d)`` slot buffer (capacity path).

@@ -15,12 +15,16 @@ tensor-parallel). The router matmul, jitter and the shared expert run outside, u
 Without a mesh the same per-shard function runs directly, with no collectives.
 
 Modes: ``deterministic=False`` (training, the default) uses ``capacity_factor`` and jitter;
-``model.eval()`` sets ``deterministic=True`` (``eval_capacity_factor``, no jitter) and
-``model.train()`` sets it back, exactly like ``nnx.Dropout``.
+``model.eval()`` sets ``deterministic=True`` (no jitter) and ``model.train()`` sets it back,
+exactly like ``nnx.Dropout``. Evaluation is dropless when ``eval_capacity_factor`` is 0 (the
+default) and the router has a dropless path, so a token's score never depends on the other
+sequences of its batch; otherwise it uses ``eval_capacity_factor`` (or, at 0, the training
+``capacity_factor``: expert choice picks tokens per batch, so it always depends on them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ffn_jax.ffn import FFN, get_variant, kernel_init
+from ffn_jax.ffn import FFN, get_variant, hidden_activation, kernel_init
 from ffn_jax.moe.dispatch import NO_MESH, ShardAxes
 from ffn_jax.moe.experts import Weights
 from ffn_jax.moe.routers import ROUTERS, moe_shard
@@ -116,6 +120,8 @@ class MoEFFN(nnx.Module):
     ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
     Init: router and ``w1``/``w3`` std ``1/sqrt(fan_in)``; ``w2`` (and the shared expert's)
     times ``out_scale``, as the dense FFN it replaces (``1/sqrt(2 n_layers)`` in the LM).
+    ``ffn_init`` scales the experts' (and the shared expert's) hidden activations exactly as
+    the dense FFN's (``ffn_jax.ffn.hidden_activation``).
     """
 
     def __init__(
@@ -128,10 +134,12 @@ class MoEFFN(nnx.Module):
         router_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         out_scale: float = 1.0,
+        ffn_init: str = "default",
         rngs: nnx.Rngs,
     ):
         s = self.settings = settings
         self.variant = get_variant(variant)
+        self.activation = hidden_activation(variant, ffn_init)  # the experts' act, with gain
         self.dtype = dtype
         self.deterministic = False
         e, f = s.num_experts, s.expert_width
@@ -162,6 +170,7 @@ class MoEFFN(nnx.Module):
                 use_bias=use_bias,
                 dtype=dtype,
                 out_scale=out_scale,
+                ffn_init=ffn_init,
                 rngs=rngs,
             )
             if s.shared_width
@@ -193,15 +202,18 @@ class MoEFFN(nnx.Module):
         return logits
 
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        s = self.settings
-        cf = s.eval_capacity_factor if self.deterministic else s.capacity_factor
+        s, cf = self.settings, self.settings.capacity_factor
+        if self.deterministic and s.eval_capacity_factor > 0:
+            cf = s.eval_capacity_factor
+        elif self.deterministic and "dropless" in ROUTERS[s.router].dispatches:
+            s = dataclasses.replace(s, dispatch="dropless")
         logits = self.router_logits(x_btd)
         y, aux = run_routed(
             x_btd.astype(self.dtype),
             logits,
             self.expert_weights(),
             s=s,
-            act=self.variant.activation,
+            act=self.activation,
             capacity_factor=cf,
         )
         if self.shared is not None:
