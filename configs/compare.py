@@ -184,6 +184,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.checkpoint_every = p["steps"] // 2
     if preset == "pod":
         c.mesh.shape.data, c.mesh.shape.fsdp = 1, -1
+    if preset in ("cpu", "quick"):
+        # MoE evaluation is dropless; on CPU the scan over expert tiles is 3-5x faster than
+        # jax.lax.ragged_dot (measured: 88-117 vs 315-560 ms per eval batch at the cpu shape).
+        c.model.moe.dropless_impl = "loop"
 
     s = c.sweep = config_dict.ConfigDict()
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
