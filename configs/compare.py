@@ -8,8 +8,10 @@
 
 Presets:
   cpu    (default) every dense variant (minus the tanh GELU forms) + two MoE FFNs at matched
-         active parameters, 3 seeds; sized to finish in <= 30 minutes on a 2-core CPU
-  quick  3 variants x 2 seeds, a few minutes on a CPU (smoke run)
+         active parameters; a learning-rate tuning stage (5 rates, x2 apart, seed 0), then
+         5 seeds at each variant's own rate; 256 steps (524k tokens, every dense variant
+         past the byte 3-gram); about 100 runs on a 2-core CPU (see README for its time)
+  quick  3 variants, a 3-point rate grid, 2 seeds: a few minutes on a CPU (smoke run)
   gpu    82M-parameter models (GPT-2-small width, 8 layers), bf16, for one GPU
   pod    336M-parameter models (d_model 1024, 24 layers) for a TPU/GPU pod slice (FSDP
          over the data axis)
@@ -30,7 +32,9 @@ wall time = FLOPs/token (``ffn_jax.flops``) x tokens at an *assumed* 40% MFU of 
 datasheet bf16 peak (989 TFLOP/s per H100, 459 per TPU v5p chip); training only (no
 evaluation or data preparation), and MoE runs take longer than their FLOPs say:
 
-  gpu  one H100:            ~50 min per run, ~33 h per sweep (13 variants x 3 seeds = 39 runs)
+  gpu  one H100:            ~50 min per run at d_model 768; the sweep adds widths 384 and 512
+                            (for the loss-vs-compute fit, ~0.33x and ~0.51x its FLOPs):
+                            ~61 h for 13 variants x 3 widths x 3 seeds = 117 runs
   pod  64 H100s:            ~11 min per run, ~7.3 h per sweep
        a v5p-64 (32 chips): ~48 min per run, ~31 h per sweep
 
@@ -131,6 +135,8 @@ PRESETS = {
         vocab_size=32768,
         data=FINEWEB_EDU,
         train_tokens=FINEWEB_EDU_TRAIN_TOKENS,
+        # Three widths (head dim 64) for the loss-vs-compute fit and compute multipliers.
+        axes="model.d_model+model.n_heads+model.n_kv_heads=384/6/6,512/8/8,768/12/12",
         lr=6e-4,
         warmup=1000,
         eval_every=1000,
@@ -192,7 +198,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s = c.sweep = config_dict.ConfigDict()
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
     s.seeds = p["seeds"]  # seeds 0 .. n-1 (init and data order)
-    s.axes = ""  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
+    s.axes = p.get("axes", "")  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
     # Tuning stage: each variant trains at every value of the grid (tune.seeds seeds);
     # the value of least validation loss is its own for the final stage (sweep.seeds seeds,
     # reusing the tuning runs of its value). field="" turns the stage off.

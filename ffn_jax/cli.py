@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -234,31 +233,9 @@ def _train_split(config: ConfigDict, d: DataSpec) -> tuple[int | None, str]:
     declared = block.get("train_tokens_available") if block is not None else None
     if declared:
         return int(declared), "declared: sweep.train_tokens_available"
-    from ffn_jax.data import CORPORA, BPETokenizer, ByteTokenizer
-    from ffn_jax.data.cache import cache_root, digest
-    from ffn_jax.data.shakespeare import VERSION
-    from ffn_jax.data.shards import load_shard, shard_path
+    from ffn_jax.data.pipeline import cached_split_tokens
 
-    cache, unknown = cache_root(d.cache_dir), (None, "unknown (not prepared)")
-    if d.corpus == "hf" and not os.path.isdir(os.path.expanduser(d.hf_name)):
-        return None, "unknown (a Hugging Face dataset by name: its size is not looked up)"
-    if d.corpus == "shakespeare" and not (cache / f"corpora/shakespeare-{VERSION}.tar.gz").exists():
-        return unknown  # building the corpus would fetch it
-    # The cache layout of ffn_jax.data.pipeline.prepare: the corpus, its tokenizer, the shard.
-    try:
-        corpus = CORPORA[d.corpus].build(d, cache)
-        if d.tokenizer == "byte":
-            tok = ByteTokenizer()
-        else:
-            bpe = cache / "tokenizers" / f"bpe-{d.vocab_size}-{digest(corpus.key)}.json"
-            path = bpe if d.tokenizer == "bpe" else Path(d.tokenizer).expanduser()
-            if not path.is_file():
-                return unknown
-            tok = BPETokenizer.from_file(path)
-        shard = load_shard(shard_path(cache, corpus, "train", tok), tok)
-    except (OSError, ValueError):
-        return unknown
-    return (shard.n_tokens, f"cached shard {shard.path.name}") if shard else unknown
+    return cached_split_tokens(d, "train")
 
 
 def run_eval(

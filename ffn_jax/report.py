@@ -502,6 +502,52 @@ def tuning_section(tuning: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SIZE_FIELD = "model.d_model"  # a sweep axis over it is a model-size axis
+
+
+def scaling_fits(rows: list[dict]) -> dict[str, tuple[stats.PowerLaw, list[tuple[float, float]]]]:
+    """Per variant with >= 3 sizes (a ``model.d_model`` axis): the fit of final validation
+    loss against training FLOPs, ``L(C) = a * C^-b + c``, and its points ``(C, L)``."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        if SIZE_FIELD in r:
+            compute = r["flops_per_token"] * r["tokens"]
+            points[r["base_variant"]].append((compute, r["validation_loss_mean"]))
+    fits = {}
+    for variant, pts in points.items():
+        if len({c for c, _ in pts}) >= 3:
+            pts.sort()
+            fits[variant] = (stats.fit_power_law(*zip(*pts, strict=True)), pts)
+    return fits
+
+
+def scaling_section(fits: dict) -> str:
+    """The size-scaling fits and each variant's compute multiplier against relu: how much
+    more training compute relu needs to reach the variant's loss at its largest size."""
+    ref = fits.get(BASELINE)
+    lines = [
+        "## Scaling with model size",
+        "",
+        "Final validation loss against training FLOPs (FLOPs per token x tokens) over the "
+        "sweep's sizes, fitted by `L(C) = a·C^(−b) + c` (scipy least squares, one fit per "
+        "variant through its seed means; no uncertainty on the fit is claimed). Compute "
+        "multiplier: relu's compute to reach the variant's fitted loss at its largest size, "
+        "over the variant's (> 1 = the variant is worth that much more compute).",
+        "",
+        "| variant | sizes | a | b | c | compute multiplier vs relu |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, (fit, pts) in fits.items():
+        mult = math.nan
+        if ref is not None and variant != BASELINE:
+            mult = stats.compute_multiplier(fit, ref[0], float(fit(pts[-1][0])))
+        cell = "—" if math.isnan(mult) else f"{mult:.2f}"
+        lines.append(
+            f"| {variant} | {len(pts)} | {fit.a:.4g} | {fit.b:.4f} | {fit.c:.4f} | {cell} |"
+        )
+    return "\n".join(lines)
+
+
 def timing_line(sweep_dir: str, records: list[dict]) -> str:
     """The sweep's wall time and where it went (summed over every run, tuning included)."""
     path = os.path.join(sweep_dir, "sweep_timing.json")
@@ -603,6 +649,9 @@ def _plots(sweep_dir: str, records: list[dict], rows: list[dict], base: dict, tu
     _forest(sweep_dir, rows, style, plt)
     if tuning:
         _lr_plot(sweep_dir, tuning, plt)
+    fits = scaling_fits(rows)
+    if fits:
+        _scaling_plot(sweep_dir, fits, plt)
 
 
 def _forest(sweep_dir: str, rows: list[dict], style: dict, plt) -> None:
@@ -634,6 +683,27 @@ def _forest(sweep_dir: str, rows: list[dict], style: dict, plt) -> None:
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(sweep_dir, "forest.png"), dpi=120)
+    plt.close(fig)
+
+
+def _scaling_plot(sweep_dir: str, fits: dict, plt) -> None:
+    """Validation loss against training FLOPs per variant, with the fitted power laws."""
+    style = _styles(list(fits))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, (fit, pts) in fits.items():
+        c, loss = np.array(pts).T
+        grid = np.geomspace(c.min(), c.max(), 50)
+        st = style[name]
+        ax.plot(c, loss, linestyle="none", label=name, **st)
+        ax.plot(grid, fit(grid), color=st["color"], linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Loss vs training compute over model sizes (lines: a·C^-b + c fits)", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(sweep_dir, "scaling.png"), dpi=120)
     plt.close(fig)
 
 
@@ -797,6 +867,9 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     text += [baseline_section(base, rows), ""]
     if tuning:
         text += [tuning_section(tuning, rows), ""]
+    fits = scaling_fits(rows)
+    if fits:
+        text += [scaling_section(fits), ""]
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(text))
     _write_csv(os.path.join(sweep_dir, "results.csv"), rows)

@@ -8,7 +8,9 @@ A sweep config is a base config plus a ``sweep`` block:
     sweep.seeds      number of seeds (0 .. n-1); seed s fixes init *and* data order, so every
                      variant sees the same batches for the same seed
     sweep.axes       optional grid over *any* config fields: ``"train.lr=1e-3,3e-3"``;
-                     several axes are separated by ``;`` (every combination is trained)
+                     several axes are separated by ``;`` (every combination is trained);
+                     fields joined by ``+`` move together: a model size is
+                     ``"model.d_model+model.n_heads=256/4,512/8,768/12"``
     sweep.tune       optional tuning stage (``Tuning``): ``field`` (e.g. ``train.lr``; empty
                      = none), ``grid`` (its values), ``factor`` (its step, to extend past an
                      edge), ``max_extend``, ``seeds`` (per grid point); selection on
@@ -97,18 +99,24 @@ def _literal(text: str) -> Any:
         return text
 
 
-def parse_axes(text: str) -> list[tuple[str, list[Any]]]:
-    """``"train.lr=1e-3,3e-3;model.d_model=64,128"`` -> ``[("train.lr", [0.001, 0.003]),
-    ("model.d_model", [64, 128])]``; ConfigError naming ``sweep.axes`` if malformed."""
+def parse_axes(text: str) -> list[dict[str, list[Any]]]:
+    """``"train.lr=1e-3,3e-3;model.d_model+model.n_heads=64/4,128/8"`` -> one dict per axis,
+    field -> its values: ``[{"train.lr": [0.001, 0.003]}, {"model.d_model": [64, 128],
+    "model.n_heads": [4, 8]}]``. Fields joined by ``+`` move together (a value is ``a/b``),
+    e.g. a model size; ConfigError naming ``sweep.axes`` if malformed."""
     axes = []
     for entry in filter(None, (e.strip() for e in (text or "").split(";"))):
         field, sep, values = entry.partition("=")
-        vals = [_literal(v.strip()) for v in values.split(",") if v.strip()]
-        if not sep or not field.strip() or not vals:
+        fields = [f.strip() for f in field.split("+")]
+        points = [
+            [_literal(x.strip()) for x in v.split("/")] for v in values.split(",") if v.strip()
+        ]
+        if not sep or not all(fields) or not points or any(len(p) != len(fields) for p in points):
             raise ConfigError(
-                f"sweep.axes: {entry!r} is not 'field=v1,v2'; e.g. sweep.axes='train.lr=1e-3,3e-3'"
+                f"sweep.axes: {entry!r} is not 'field=v1,v2' (or 'f1+f2=a1/b1,a2/b2'); "
+                "e.g. sweep.axes='train.lr=1e-3,3e-3'"
             )
-        axes.append((field.strip(), vals))
+        axes.append({f: [p[i] for p in points] for i, f in enumerate(fields)})
     return axes
 
 
@@ -164,8 +172,15 @@ def cells(config: ConfigDict) -> list[Cell]:
             base.update(_preset_overrides(config, name))
         else:
             base["model.ffn"] = name
-        for combo in itertools.product(*(values for _, values in axes)):
-            picked = dict(zip((field for field, _ in axes), combo, strict=True))
+        points = [  # each axis' points: {field: value} of its fields
+            [
+                {f: vals[i] for f, vals in axis.items()}
+                for i in range(len(next(iter(axis.values()))))
+            ]
+            for axis in axes
+        ]
+        for combo in itertools.product(*points):
+            picked = {f: v for point in combo for f, v in point.items()}
             label = "".join(f"-{f.rsplit('.', 1)[-1]}={_label(v)}" for f, v in picked.items())
             out.append(Cell(f"{name}{label}", {"variant": name, **picked}, {**base, **picked}))
     return out

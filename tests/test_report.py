@@ -168,3 +168,23 @@ def test_unfinished_runs_are_marked_and_never_a_baseline():
     table = report.markdown_table(list(rows.values()))
     assert "| relu (unfinished: step 6 of 10) |" in table
     assert "| swiglu |" in table
+
+
+def test_size_axis_gives_power_law_fits_and_compute_multipliers():
+    laws = {"relu": (60.0, 0.3, 1.4), "swiglu": (50.0, 0.3, 1.4)}
+    recs = []
+    for d_model, fpt in ((64, 1e6), (128, 4e6), (256, 1.6e7), (512, 6.4e7)):
+        for variant, (a, b, c) in laws.items():
+            for seed in range(2):
+                r = record(variant, seed, 2.0, **{"model.d_model": d_model})
+                r["flops_per_token"] = fpt
+                r["validation_loss"] = a * (fpt * r["tokens"]) ** -b + c
+                recs.append(r)
+    fits = report.scaling_fits(report.aggregate(recs))
+    assert set(fits) == {"relu", "swiglu"}
+    fit, pts = fits["swiglu"]
+    assert len(pts) == 4 and (fit.a, fit.b, fit.c) == pytest.approx(laws["swiglu"], rel=1e-4)
+    section = report.scaling_section(fits)
+    # relu needs (60 / 50)^(1 / 0.3) = 1.84x swiglu's compute for any loss above 1.4.
+    want = (60.0 / 50.0) ** (1 / 0.3)
+    assert "| swiglu | 4 |" in section and f"{want:.2f}" in section

@@ -258,3 +258,18 @@ def test_bad_tune_block_is_one_line():
     c.sweep.tune.grid, c.sweep.tune.seeds = "1e-3,2e-3", 5
     with pytest.raises(ConfigError, match=r"sweep.tune.seeds=5 must be in \[1, sweep.seeds=2\]"):
         sweep_runs(c)
+
+
+def test_fields_joined_by_plus_move_together_as_one_axis():
+    c = untuned("quick")
+    c.sweep.variants, c.sweep.seeds = "relu", 1
+    c.sweep.axes = "model.d_model+model.n_heads+model.n_kv_heads=32/2/2,64/4/4; train.lr=1e-3"
+    runs = dict(run_configs(c))
+    assert list(runs) == [
+        "relu-d_model=32-n_heads=2-n_kv_heads=2-lr=0.001-s0",
+        "relu-d_model=64-n_heads=4-n_kv_heads=4-lr=0.001-s0",
+    ]
+    assert runs["relu-d_model=64-n_heads=4-n_kv_heads=4-lr=0.001-s0"].model.n_heads == 4
+    c.sweep.axes = "model.d_model+model.n_heads=32/2,64"
+    with pytest.raises(ConfigError, match=r"is not 'field=v1,v2' \(or 'f1\+f2=a1/b1,a2/b2'\)"):
+        run_configs(c)

