@@ -548,6 +548,39 @@ def scaling_section(fits: dict) -> str:
     return "\n".join(lines)
 
 
+def ranking_section(rows: list[dict]) -> str:
+    """For each axis other than model size (e.g. ``model.ffn_init``): the dense variants'
+    ranking by mean test loss at each of its values and the Spearman correlation of each
+    ranking with the first value's, over the variants present at both ("does the ranking
+    survive?")."""
+    from scipy.stats import rankdata
+
+    keys = [k for k in dict.fromkeys(k for r in rows for k, _ in r["axes"]) if k != SIZE_FIELD]
+    lines = []
+    for key in keys:
+        by_value: dict[Any, dict[str, float]] = defaultdict(dict)
+        for r in rows:
+            axes = dict(r["axes"])
+            if key in axes and not r["moe"]:
+                by_value[axes[key]][r["base_variant"]] = r["test_loss_mean"]
+        if len(by_value) < 2:
+            continue
+        (first, ref), *others = by_value.items()
+        lines += [f"## Ranking across {key}", ""]
+        lines.append(f"- {key}={first}: " + ", ".join(sorted(ref, key=lambda v: ref[v])))
+        for value, losses in others:
+            common = [v for v in ref if v in losses]
+            ranks = [rankdata([ref[v] for v in common]), rankdata([losses[v] for v in common])]
+            rho = float(np.corrcoef(ranks)[0, 1]) if len(common) > 2 else math.nan
+            lines.append(
+                f"- {key}={value}: "
+                + ", ".join(sorted(losses, key=lambda v: losses[v]))
+                + f" (Spearman ρ = {rho:.2f} with {key}={first}, {len(common)} variants)"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def timing_line(sweep_dir: str, records: list[dict]) -> str:
     """The sweep's wall time and where it went (summed over every run, tuning included)."""
     path = os.path.join(sweep_dir, "sweep_timing.json")
@@ -870,6 +903,7 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     fits = scaling_fits(rows)
     if fits:
         text += [scaling_section(fits), ""]
+    text += [ranking_section(rows)]
     with open(os.path.join(sweep_dir, "results.md"), "w") as f:
         f.write("\n".join(text))
     _write_csv(os.path.join(sweep_dir, "results.csv"), rows)

@@ -188,3 +188,18 @@ def test_size_axis_gives_power_law_fits_and_compute_multipliers():
     # relu needs (60 / 50)^(1 / 0.3) = 1.84x swiglu's compute for any loss above 1.4.
     want = (60.0 / 50.0) ** (1 / 0.3)
     assert "| swiglu | 4 |" in section and f"{want:.2f}" in section
+
+
+def test_ranking_across_an_axis_with_its_rank_correlation():
+    recs = []
+    for init, order in (
+        ("default", ("relu", "gelu", "swiglu")),
+        ("unit", ("swiglu", "gelu", "relu")),
+    ):
+        for i, variant in enumerate(order):
+            recs += [
+                record(variant, s, 2.0 + 0.1 * i, **{"model.ffn_init": init}) for s in range(2)
+            ]
+    text = report.ranking_section(report.aggregate(recs))
+    assert "- model.ffn_init=default: relu, gelu, swiglu" in text
+    assert "- model.ffn_init=unit: swiglu, gelu, relu (Spearman ρ = -1.00" in text
