@@ -13,7 +13,8 @@ n-gram baselines fitted on the same training split, per-run bootstrap intervals 
 contiguous blocks of the test split, the tuning stage's loss-vs-LR table, and the sweep's
 wall time split.
 
-The table is data: ``COLUMNS`` lists every column once (its record key, how seeds are
+The sections beyond the main table are in ``ffn_jax.report_sections``, the plots in
+``ffn_jax.report_plots``. The table is data: ``COLUMNS`` lists every column once (its record key, how seeds are
 aggregated, its markdown header and cell), and the record, the aggregate, the markdown and
 the CSV are all derived from it. A new column is one entry.
 """
@@ -36,6 +37,17 @@ from flax import nnx
 from ffn_jax import stats
 from ffn_jax.flops import flops_per_token
 from ffn_jax.metrics import read_metrics
+from ffn_jax.report_plots import write_plots
+from ffn_jax.report_sections import (
+    TIMING_KEYS,
+    baseline_section,
+    beats,
+    ranking_section,
+    scaling_fits,
+    scaling_section,
+    timing_line,
+    tuning_section,
+)
 from ffn_jax.run import EVAL_FILE, PROVENANCE_FILE, latest_step, load_spec, read_json
 from ffn_jax.spec import ModelSpec, RunSpec, config_field_names
 
@@ -82,9 +94,6 @@ def _run_eval(run_dir: str, splits: tuple[str, ...] = SPLITS) -> dict:
     missing = tuple(s for s in splits if s not in ev) if ev.get("step") == latest else splits
     log.info("evaluating %s (%s)", run_dir, ", ".join(missing))
     return evaluate_run(run_dir, splits=missing)
-
-
-TIMING_KEYS = ("wall_s", "compile_s", "eval_s", "checkpoint_s", "train_s", "other_s")
 
 
 def _throughput(rows: list[dict]) -> dict:
@@ -426,348 +435,6 @@ def _write_csv(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-# ---- calibration, tuning and timing sections ---------------------------------------------
-
-
-def beats(row: dict, base: dict) -> str:
-    """The strongest n-gram baseline whose test bits/byte the row's mean beats."""
-    beaten = [
-        n for n, b in base.items() if row["test_bits_per_byte_mean"] < b["test"]["bits_per_byte"]
-    ]
-    return beaten[-1] if beaten else "none"
-
-
-def baseline_section(base: dict, rows: list[dict]) -> str:
-    lines = [
-        "## Calibration: n-gram baselines on the same splits",
-        "",
-        "Interpolated Witten-Bell n-grams over the same token ids, fitted on the training split "
-        "(all of it, not only the tokens a run sees), scored on every target of each split.",
-        "",
-        "| baseline | val loss | val bits/byte | test loss | test bits/byte | beaten by |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, b in base.items():
-        n = sum(r["test_bits_per_byte_mean"] < b["test"]["bits_per_byte"] for r in rows)
-        lines.append(
-            f"| {name} | {b['validation']['loss']:.4f} | {b['validation']['bits_per_byte']:.4f} "
-            f"| {b['test']['loss']:.4f} | {b['test']['bits_per_byte']:.4f} | {n} of {len(rows)} |"
-        )
-    return "\n".join(lines)
-
-
-def tuning_section(tuning: dict, rows: list[dict]) -> str:
-    """The tuning stage: validation loss at every grid point, the chosen value, and how the
-    ranking at each shared value compares with the tuned ranking (Spearman)."""
-    from scipy.stats import rankdata
-
-    field = next(iter(tuning.values()))["field"]
-    grid = sorted({v for t in tuning.values() for v in t["values"]})
-    lines = [
-        f"## Tuning stage: validation loss by {field}",
-        "",
-        "Each variant trained at every grid value (seeds as in `sweep.tune.seeds`); the value "
-        "of least validation loss (bold) was chosen, the grid extended past an edge when the "
-        "best sat on it. The final table's runs of those seeds are these runs.",
-        "",
-        "| variant | " + " | ".join(f"{v:g}" for v in grid) + " | chosen | on an edge |",
-        "|---|" + "---|" * (len(grid) + 2),
-    ]
-    for name, t in tuning.items():
-        by_v = dict(zip(t["values"], t["val_loss"], strict=True))
-        cells = []
-        for v in grid:
-            loss = by_v.get(v)
-            text = (
-                "" if loss is None else ("diverged" if not math.isfinite(loss) else f"{loss:.4f}")
-            )
-            cells.append(f"**{text}**" if v == t["chosen"] else text)
-        edge = t["edge"] or "no"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['chosen']:g} | {edge} |")
-    tuned_loss = {n: min(t["val_loss"]) for n, t in tuning.items()}
-    shared = [v for v in grid if all(v in t["values"] for t in tuning.values())]
-    if len(tuning) > 2 and shared:
-        lines += ["", "Sensitivity: the ranking at one shared value against the tuned ranking:", ""]
-        for v in shared:
-            at = {
-                n: dict(zip(t["values"], t["val_loss"], strict=True))[v] for n, t in tuning.items()
-            }
-            names = list(tuning)
-            ranks = [rankdata([at[n] for n in names]), rankdata([tuned_loss[n] for n in names])]
-            rho = float(np.corrcoef(ranks)[0, 1])  # Spearman: Pearson of the ranks
-            order = ", ".join(sorted(names, key=lambda n: at[n]))
-            lines.append(
-                f"- {field}={v:g}: Spearman ρ = {rho:.2f} vs tuned; best to worst: {order}"
-            )
-    return "\n".join(lines)
-
-
-SIZE_FIELD = "model.d_model"  # a sweep axis over it is a model-size axis
-
-
-def scaling_fits(rows: list[dict]) -> dict[str, tuple[stats.PowerLaw, list[tuple[float, float]]]]:
-    """Per variant with >= 3 sizes (a ``model.d_model`` axis): the fit of final validation
-    loss against training FLOPs, ``L(C) = a * C^-b + c``, and its points ``(C, L)``."""
-    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for r in rows:
-        if SIZE_FIELD in r:
-            compute = r["flops_per_token"] * r["tokens"]
-            points[r["base_variant"]].append((compute, r["validation_loss_mean"]))
-    fits = {}
-    for variant, pts in points.items():
-        if len({c for c, _ in pts}) >= 3:
-            pts.sort()
-            fits[variant] = (stats.fit_power_law(*zip(*pts, strict=True)), pts)
-    return fits
-
-
-def scaling_section(fits: dict) -> str:
-    """The size-scaling fits and each variant's compute multiplier against relu: how much
-    more training compute relu needs to reach the variant's loss at its largest size."""
-    ref = fits.get(BASELINE)
-    lines = [
-        "## Scaling with model size",
-        "",
-        "Final validation loss against training FLOPs (FLOPs per token x tokens) over the "
-        "sweep's sizes, fitted by `L(C) = a·C^(−b) + c` (scipy least squares, one fit per "
-        "variant through its seed means; no uncertainty on the fit is claimed). Compute "
-        "multiplier: relu's compute to reach the variant's fitted loss at its largest size, "
-        "over the variant's (> 1 = the variant is worth that much more compute).",
-        "",
-        "| variant | sizes | a | b | c | compute multiplier vs relu |",
-        "|---|---|---|---|---|---|",
-    ]
-    for variant, (fit, pts) in fits.items():
-        mult = math.nan
-        if ref is not None and variant != BASELINE:
-            mult = stats.compute_multiplier(fit, ref[0], float(fit(pts[-1][0])))
-        cell = "—" if math.isnan(mult) else f"{mult:.2f}"
-        lines.append(
-            f"| {variant} | {len(pts)} | {fit.a:.4g} | {fit.b:.4f} | {fit.c:.4f} | {cell} |"
-        )
-    return "\n".join(lines)
-
-
-def ranking_section(rows: list[dict]) -> str:
-    """For each axis other than model size (e.g. ``model.ffn_init``): the dense variants'
-    ranking by mean test loss at each of its values and the Spearman correlation of each
-    ranking with the first value's, over the variants present at both ("does the ranking
-    survive?")."""
-    from scipy.stats import rankdata
-
-    keys = [k for k in dict.fromkeys(k for r in rows for k, _ in r["axes"]) if k != SIZE_FIELD]
-    lines = []
-    for key in keys:
-        by_value: dict[Any, dict[str, float]] = defaultdict(dict)
-        for r in rows:
-            axes = dict(r["axes"])
-            if key in axes and not r["moe"]:
-                by_value[axes[key]][r["base_variant"]] = r["test_loss_mean"]
-        if len(by_value) < 2:
-            continue
-        (first, ref), *others = by_value.items()
-        lines += [f"## Ranking across {key}", ""]
-        lines.append(f"- {key}={first}: " + ", ".join(sorted(ref, key=lambda v: ref[v])))
-        for value, losses in others:
-            common = [v for v in ref if v in losses]
-            ranks = [rankdata([ref[v] for v in common]), rankdata([losses[v] for v in common])]
-            rho = float(np.corrcoef(ranks)[0, 1]) if len(common) > 2 else math.nan
-            lines.append(
-                f"- {key}={value}: "
-                + ", ".join(sorted(losses, key=lambda v: losses[v]))
-                + f" (Spearman ρ = {rho:.2f} with {key}={first}, {len(common)} variants)"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def timing_line(sweep_dir: str, records: list[dict]) -> str:
-    """The sweep's wall time and where it went (summed over every run, tuning included)."""
-    path = os.path.join(sweep_dir, "sweep_timing.json")
-    sums = {k: sum(r[k] or 0.0 for r in records) for k in TIMING_KEYS}
-    wall = read_json(path)["wall_s"] if os.path.exists(path) else sums["wall_s"]
-    other = wall - sums["train_s"] - sums["compile_s"] - sums["eval_s"]
-    parts = [
-        ("training", sums["train_s"]),
-        ("compilation", sums["compile_s"]),
-        ("evaluation", sums["eval_s"]),
-        ("checkpoints, start-up and the rest", other),
-    ]
-    return (
-        f"Sweep wall time {wall / 60:.1f} min over {len(records)} runs: "
-        + ", ".join(f"{name} {100 * t / wall:.1f}%" for name, t in parts)
-        + "."
-    )
-
-
-# ---- plots --------------------------------------------------------------------------------
-
-MARKERS = "osD^v<>PX*hp"
-
-
-def _styles(labels: list[str]) -> dict[str, dict]:
-    """A distinct (colour, marker) per label: 20 colours, and a marker that changes with
-    every colour, so no two of up to 20 labels look alike."""
-    import matplotlib
-
-    colours = [matplotlib.colormaps["tab20"](i / 19) for i in range(20)]
-    return {
-        label: {"color": colours[i % 20], "marker": MARKERS[i % len(MARKERS)]}
-        for i, label in enumerate(labels)
-    }
-
-
-def _plots(sweep_dir: str, records: list[dict], rows: list[dict], base: dict, tuning: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(rows, key=lambda r: r["test_bits_per_byte_mean"])
-    style = _styles([r["label"] for r in ordered])
-
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    by_label: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_label[r["label"]].append(r)
-    for row in ordered:
-        runs = by_label[row["label"]]
-        n = min(len(r["curve"]) for r in runs)
-        if n == 0:
-            continue
-        tokens = np.array([t for t, _ in runs[0]["curve"][:n]])
-        losses = np.array([[v for _, v in r["curve"][:n]] for r in runs])
-        st = style[row["label"]]
-        ax.plot(tokens, losses.mean(0), label=row["label"], markersize=4, **st)
-        ax.fill_between(tokens, losses.min(0), losses.max(0), color=st["color"], alpha=0.15)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(
-        "Validation loss on a fixed subsample spread over the split "
-        "(mean over seeds; band = min..max)",
-        fontsize=10,
-    )
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "loss_curves.png"), dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    x = np.arange(len(ordered))
-    ax.bar(
-        x,
-        [r["test_bits_per_byte_mean"] for r in ordered],
-        yerr=[r["test_bits_per_byte_std"] for r in ordered],
-        capsize=4,
-        color=[style[r["label"]]["color"] for r in ordered],
-    )
-    lo = min(r["test_bits_per_byte_mean"] - 3 * r["test_bits_per_byte_std"] for r in ordered)
-    hi = max(r["test_bits_per_byte_mean"] + 3 * r["test_bits_per_byte_std"] for r in ordered)
-    for name, b in base.items():
-        v = b["test"]["bits_per_byte"]
-        if lo - 0.3 < v < hi + 0.3:
-            ax.axhline(v, color="0.3", linestyle="--", linewidth=1)
-            ax.text(len(ordered) - 0.5, v, f" {name}", va="bottom", ha="right", fontsize=8)
-            lo, hi = min(lo, v), max(hi, v)
-    ax.set_ylim(lo - 0.02, hi + 0.02)
-    ax.set_xticks(x, [r["variant"] for r in ordered], rotation=45, ha="right")
-    ax.set_ylabel("test bits per byte")
-    ax.set_title("Test bits per byte (mean ± SD over seeds; dashed: n-gram baselines)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "bits_per_byte.png"), dpi=120)
-    plt.close(fig)
-
-    _forest(sweep_dir, rows, style, plt)
-    if tuning:
-        _lr_plot(sweep_dir, tuning, plt)
-    fits = scaling_fits(rows)
-    if fits:
-        _scaling_plot(sweep_dir, fits, plt)
-
-
-def _forest(sweep_dir: str, rows: list[dict], style: dict, plt) -> None:
-    """Δ test loss vs each row's reference: the 95% t interval (thick) and the Bonferroni
-    simultaneous interval over the family (thin), which Holm's decisions never contradict."""
-    family = [r for r in rows if not math.isnan(r["d_test_loss_lo"])]
-    if not family:
-        return
-    family.sort(key=lambda r: r["d_test_loss"])
-    level = stats.bonferroni_level(0.95, len(family))
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(family) + 1.5))
-    for i, r in enumerate(family):
-        ref = next(
-            x for x in rows if x["base_variant"] == r["reference"] and x["axes"] == r["axes"]
-        )
-        seeds = sorted(set(r["per_seed"]) & set(ref["per_seed"]))
-        wide = stats.paired([r["per_seed"][s] - ref["per_seed"][s] for s in seeds], level)
-        st = style[r["label"]]
-        ax.plot([wide.lo, wide.hi], [i, i], color=st["color"], linewidth=1)
-        ax.plot([r["d_test_loss_lo"], r["d_test_loss_hi"]], [i, i], color=st["color"], linewidth=4)
-        ax.plot(r["d_test_loss"], i, color="k", marker=st["marker"], markersize=6)
-    ax.axvline(0, color="0.3", linewidth=1)
-    ax.set_yticks(range(len(family)), [f"{r['label']} vs {r['reference']}" for r in family])
-    ax.set_xlabel("Δ test loss (nats/token), paired over seeds; < 0 = better than reference")
-    ax.set_title(
-        f"Thick: 95% CI; thin: {100 * level:.2f}% (Bonferroni over {len(family)} contrasts)",
-        fontsize=10,
-    )
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "forest.png"), dpi=120)
-    plt.close(fig)
-
-
-def _scaling_plot(sweep_dir: str, fits: dict, plt) -> None:
-    """Validation loss against training FLOPs per variant, with the fitted power laws."""
-    style = _styles(list(fits))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, (fit, pts) in fits.items():
-        c, loss = np.array(pts).T
-        grid = np.geomspace(c.min(), c.max(), 50)
-        st = style[name]
-        ax.plot(c, loss, linestyle="none", label=name, **st)
-        ax.plot(grid, fit(grid), color=st["color"], linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Loss vs training compute over model sizes (lines: a·C^-b + c fits)", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "scaling.png"), dpi=120)
-    plt.close(fig)
-
-
-def _lr_plot(sweep_dir: str, tuning: dict, plt) -> None:
-    """Validation loss against the tuned value, one line per variant (log x)."""
-    style = _styles(list(tuning))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    finite = []
-    for name, t in tuning.items():
-        v, loss = np.array(t["values"]), np.array(t["val_loss"])
-        ok = np.isfinite(loss)
-        finite += loss[ok].tolist()
-        ax.plot(v[ok], loss[ok], label=name, markersize=5, **style[name])
-        ax.plot(
-            [t["chosen"]], [min(loss[ok])], color=style[name]["color"], marker="*", markersize=12
-        )
-    field = next(iter(tuning.values()))["field"]
-    ax.set_xscale("log")
-    if finite:
-        lo = min(finite)
-        ax.set_ylim(lo - 0.02, min(max(finite), lo + 0.6) + 0.02)
-    ax.set_xlabel(field)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"Tuning stage: validation loss vs {field} (star: chosen)", fontsize=10)
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "lr_sweep.png"), dpi=120)
-    plt.close(fig)
-
-
 def provenance_line(run_dirs: list[str]) -> str:
     """Where the runs came from (their ``run.json``): code commits, versions, devices."""
     seen = []
@@ -912,5 +579,5 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     for r in tune_records:
         r["stage"] = "tuning"
     _write_csv(os.path.join(sweep_dir, "runs.csv"), records + tune_records)
-    _plots(sweep_dir, records, rows, base, tuning)
+    write_plots(sweep_dir, records, rows, base, tuning, fits)
     return table

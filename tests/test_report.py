@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from ffn_jax import report
+from ffn_jax import report, report_sections
 
 
 def record(variant, seed, test_loss, **group):
@@ -180,11 +180,11 @@ def test_size_axis_gives_power_law_fits_and_compute_multipliers():
                 r["flops_per_token"] = fpt
                 r["validation_loss"] = a * (fpt * r["tokens"]) ** -b + c
                 recs.append(r)
-    fits = report.scaling_fits(report.aggregate(recs))
+    fits = report_sections.scaling_fits(report.aggregate(recs))
     assert set(fits) == {"relu", "swiglu"}
     fit, pts = fits["swiglu"]
     assert len(pts) == 4 and (fit.a, fit.b, fit.c) == pytest.approx(laws["swiglu"], rel=1e-4)
-    section = report.scaling_section(fits)
+    section = report_sections.scaling_section(fits)
     # relu needs (60 / 50)^(1 / 0.3) = 1.84x swiglu's compute for any loss above 1.4.
     want = (60.0 / 50.0) ** (1 / 0.3)
     assert "| swiglu | 4 |" in section and f"{want:.2f}" in section
@@ -200,6 +200,6 @@ def test_ranking_across_an_axis_with_its_rank_correlation():
             recs += [
                 record(variant, s, 2.0 + 0.1 * i, **{"model.ffn_init": init}) for s in range(2)
             ]
-    text = report.ranking_section(report.aggregate(recs))
+    text = report_sections.ranking_section(report.aggregate(recs))
     assert "- model.ffn_init=default: relu, gelu, swiglu" in text
     assert "- model.ffn_init=unit: swiglu, gelu, relu (Spearman ρ = -1.00" in text

@@ -1,0 +1,192 @@
+"""The report's sections beyond the main table: n-gram calibration, the tuning stage,
+loss-vs-compute fits over model sizes, rankings across an axis, and the sweep's wall time.
+
+Each takes the aggregated rows (``ffn_jax.report.aggregate``) or the sweep's files and
+returns markdown.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from ffn_jax import stats
+from ffn_jax.run import read_json
+
+BASELINE = "relu"  # the reference the compute multipliers are against
+TIMING_KEYS = ("wall_s", "compile_s", "eval_s", "checkpoint_s", "train_s", "other_s")
+
+
+def beats(row: dict, base: dict) -> str:
+    """The strongest n-gram baseline whose test bits/byte the row's mean beats."""
+    beaten = [
+        n for n, b in base.items() if row["test_bits_per_byte_mean"] < b["test"]["bits_per_byte"]
+    ]
+    return beaten[-1] if beaten else "none"
+
+
+def baseline_section(base: dict, rows: list[dict]) -> str:
+    lines = [
+        "## Calibration: n-gram baselines on the same splits",
+        "",
+        "Interpolated Witten-Bell n-grams over the same token ids, fitted on the training split "
+        "(all of it, not only the tokens a run sees), scored on every target of each split.",
+        "",
+        "| baseline | val loss | val bits/byte | test loss | test bits/byte | beaten by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, b in base.items():
+        n = sum(r["test_bits_per_byte_mean"] < b["test"]["bits_per_byte"] for r in rows)
+        lines.append(
+            f"| {name} | {b['validation']['loss']:.4f} | {b['validation']['bits_per_byte']:.4f} "
+            f"| {b['test']['loss']:.4f} | {b['test']['bits_per_byte']:.4f} | {n} of {len(rows)} |"
+        )
+    return "\n".join(lines)
+
+
+def tuning_section(tuning: dict, rows: list[dict]) -> str:
+    """The tuning stage: validation loss at every grid point, the chosen value, and how the
+    ranking at each shared value compares with the tuned ranking (Spearman)."""
+    from scipy.stats import rankdata
+
+    field = next(iter(tuning.values()))["field"]
+    grid = sorted({v for t in tuning.values() for v in t["values"]})
+    lines = [
+        f"## Tuning stage: validation loss by {field}",
+        "",
+        "Each variant trained at every grid value (seeds as in `sweep.tune.seeds`); the value "
+        "of least validation loss (bold) was chosen, the grid extended past an edge when the "
+        "best sat on it. The final table's runs of those seeds are these runs.",
+        "",
+        "| variant | " + " | ".join(f"{v:g}" for v in grid) + " | chosen | on an edge |",
+        "|---|" + "---|" * (len(grid) + 2),
+    ]
+    for name, t in tuning.items():
+        by_v = dict(zip(t["values"], t["val_loss"], strict=True))
+        cells = []
+        for v in grid:
+            loss = by_v.get(v)
+            text = (
+                "" if loss is None else ("diverged" if not math.isfinite(loss) else f"{loss:.4f}")
+            )
+            cells.append(f"**{text}**" if v == t["chosen"] else text)
+        edge = t["edge"] or "no"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['chosen']:g} | {edge} |")
+    tuned_loss = {n: min(t["val_loss"]) for n, t in tuning.items()}
+    shared = [v for v in grid if all(v in t["values"] for t in tuning.values())]
+    if len(tuning) > 2 and shared:
+        lines += ["", "Sensitivity: the ranking at one shared value against the tuned ranking:", ""]
+        for v in shared:
+            at = {
+                n: dict(zip(t["values"], t["val_loss"], strict=True))[v] for n, t in tuning.items()
+            }
+            names = list(tuning)
+            ranks = [rankdata([at[n] for n in names]), rankdata([tuned_loss[n] for n in names])]
+            rho = float(np.corrcoef(ranks)[0, 1])  # Spearman: Pearson of the ranks
+            order = ", ".join(sorted(names, key=lambda n: at[n]))
+            lines.append(
+                f"- {field}={v:g}: Spearman ρ = {rho:.2f} vs tuned; best to worst: {order}"
+            )
+    return "\n".join(lines)
+
+
+SIZE_FIELD = "model.d_model"  # a sweep axis over it is a model-size axis
+
+
+def scaling_fits(rows: list[dict]) -> dict[str, tuple[stats.PowerLaw, list[tuple[float, float]]]]:
+    """Per variant with >= 3 sizes (a ``model.d_model`` axis): the fit of final validation
+    loss against training FLOPs, ``L(C) = a * C^-b + c``, and its points ``(C, L)``."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        if SIZE_FIELD in r:
+            compute = r["flops_per_token"] * r["tokens"]
+            points[r["base_variant"]].append((compute, r["validation_loss_mean"]))
+    fits = {}
+    for variant, pts in points.items():
+        if len({c for c, _ in pts}) >= 3:
+            pts.sort()
+            fits[variant] = (stats.fit_power_law(*zip(*pts, strict=True)), pts)
+    return fits
+
+
+def scaling_section(fits: dict) -> str:
+    """The size-scaling fits and each variant's compute multiplier against relu: how much
+    more training compute relu needs to reach the variant's loss at its largest size."""
+    ref = fits.get(BASELINE)
+    lines = [
+        "## Scaling with model size",
+        "",
+        "Final validation loss against training FLOPs (FLOPs per token x tokens) over the "
+        "sweep's sizes, fitted by `L(C) = a·C^(−b) + c` (scipy least squares, one fit per "
+        "variant through its seed means; no uncertainty on the fit is claimed). Compute "
+        "multiplier: relu's compute to reach the variant's fitted loss at its largest size, "
+        "over the variant's (> 1 = the variant is worth that much more compute).",
+        "",
+        "| variant | sizes | a | b | c | compute multiplier vs relu |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, (fit, pts) in fits.items():
+        mult = math.nan
+        if ref is not None and variant != BASELINE:
+            mult = stats.compute_multiplier(fit, ref[0], float(fit(pts[-1][0])))
+        cell = "—" if math.isnan(mult) else f"{mult:.2f}"
+        lines.append(
+            f"| {variant} | {len(pts)} | {fit.a:.4g} | {fit.b:.4f} | {fit.c:.4f} | {cell} |"
+        )
+    return "\n".join(lines)
+
+
+def ranking_section(rows: list[dict]) -> str:
+    """For each axis other than model size (e.g. ``model.ffn_init``): the dense variants'
+    ranking by mean test loss at each of its values and the Spearman correlation of each
+    ranking with the first value's, over the variants present at both ("does the ranking
+    survive?")."""
+    from scipy.stats import rankdata
+
+    keys = [k for k in dict.fromkeys(k for r in rows for k, _ in r["axes"]) if k != SIZE_FIELD]
+    lines = []
+    for key in keys:
+        by_value: dict[Any, dict[str, float]] = defaultdict(dict)
+        for r in rows:
+            axes = dict(r["axes"])
+            if key in axes and not r["moe"]:
+                by_value[axes[key]][r["base_variant"]] = r["test_loss_mean"]
+        if len(by_value) < 2:
+            continue
+        (first, ref), *others = by_value.items()
+        lines += [f"## Ranking across {key}", ""]
+        lines.append(f"- {key}={first}: " + ", ".join(sorted(ref, key=lambda v: ref[v])))
+        for value, losses in others:
+            common = [v for v in ref if v in losses]
+            ranks = [rankdata([ref[v] for v in common]), rankdata([losses[v] for v in common])]
+            rho = float(np.corrcoef(ranks)[0, 1]) if len(common) > 2 else math.nan
+            lines.append(
+                f"- {key}={value}: "
+                + ", ".join(sorted(losses, key=lambda v: losses[v]))
+                + f" (Spearman ρ = {rho:.2f} with {key}={first}, {len(common)} variants)"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def timing_line(sweep_dir: str, records: list[dict]) -> str:
+    """The sweep's wall time and where it went (summed over every run, tuning included)."""
+    path = os.path.join(sweep_dir, "sweep_timing.json")
+    sums = {k: sum(r[k] or 0.0 for r in records) for k in TIMING_KEYS}
+    wall = read_json(path)["wall_s"] if os.path.exists(path) else sums["wall_s"]
+    other = wall - sums["train_s"] - sums["compile_s"] - sums["eval_s"]
+    parts = [
+        ("training", sums["train_s"]),
+        ("compilation", sums["compile_s"]),
+        ("evaluation", sums["eval_s"]),
+        ("checkpoints, start-up and the rest", other),
+    ]
+    return (
+        f"Sweep wall time {wall / 60:.1f} min over {len(records)} runs: "
+        + ", ".join(f"{name} {100 * t / wall:.1f}%" for name, t in parts)
+        + "."
+    )
