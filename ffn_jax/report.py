@@ -14,9 +14,9 @@ contiguous blocks of the test split, the tuning stage's loss-vs-LR table, and th
 wall time split.
 
 The sections beyond the main table are in ``ffn_jax.report_sections``, the plots in
-``ffn_jax.report_plots``. The table is data: ``COLUMNS`` lists every column once (its record key, how seeds are
-aggregated, its markdown header and cell), and the record, the aggregate, the markdown and
-the CSV are all derived from it. A new column is one entry.
+``ffn_jax.report_plots``. The table is data: ``COLUMNS`` lists every column once (its record
+key, how seeds are aggregated, its markdown header and cell), and the record, the
+aggregate, the markdown and the CSV are all derived from it. A new column is one entry.
 """
 
 from __future__ import annotations
