@@ -58,7 +58,7 @@ def test_legacy_run_dirs_load_in_eval_report_and_inspect(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     with open(sweep / "results.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"relu", "moe_top1"} and rows["relu"]["significant"] == "baseline"
+    assert set(rows) == {"relu", "moe_top1"} and rows["relu"]["significant"] == "reference"
     inspect = eval_cli(
         f"--workdir={sweep / 'moe_top1-s0'}", "--inspect", "--neurons=0", "--windows=2"
     )
