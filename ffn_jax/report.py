@@ -219,6 +219,8 @@ def _shared(spec: RunSpec, varied: set[str]) -> dict[str, Any]:
 def load_specs(run_dirs: list[str]) -> list[RunSpec]:
     """The runs' specs; ValueError if they differ in settings a comparison must share."""
     specs = [load_spec(d) for d in run_dirs]
+    if not specs:
+        return []
     varied = {k for s in specs for k in s.group if k not in ("variant", "seed")}
     ref = _shared(specs[0], varied)
     for d, s in zip(run_dirs, specs, strict=True):
