@@ -12,6 +12,8 @@ Presets:
          5 seeds at each variant's own rate; 256 steps (524k tokens, every dense variant
          past the byte 3-gram); about 100 runs on a 2-core CPU (see README for its time)
   quick  3 variants, a 3-point rate grid, 2 seeds: a few minutes on a CPU (smoke run)
+  init   the cpu dense variants at both ``model.ffn_init`` values (default, unit_variance),
+         one shared rate, 2 seeds: whether the ranking survives unit-variance activations
   gpu    82M-parameter models (GPT-2-small width, 8 layers), bf16, for one GPU
   pod    336M-parameter models (d_model 1024, 24 layers) for a TPU/GPU pod slice (FSDP
          over the data axis)
@@ -121,6 +123,26 @@ PRESETS = {
         eval_every=20,
         eval_batches=4,
     ),
+    # Parameterisation check: every cpu dense variant at both FFN inits (model.ffn_init),
+    # one shared rate (the middle of the cpu grid), 2 seeds: does the ranking survive
+    # unit-variance hidden activations? (~36 runs, ~35 min on the 2-core CPU.)
+    "init": dict(
+        size="small",
+        variants=CPU_DENSE,
+        seeds=2,
+        axes="model.ffn_init=default,unit_variance",
+        steps=256,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        seq_len=128,
+        batch_size=16,
+        tokenizer="byte",
+        lr=4e-3,
+        warmup=26,
+        eval_every=64,
+        eval_batches=8,
+    ),
     "gpu": dict(
         size="gpu",
         variants=DENSE + list(MOE_PRESETS),
@@ -190,7 +212,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.checkpoint_every = p["steps"] // 2
     if preset == "pod":
         c.mesh.shape.data, c.mesh.shape.fsdp = 1, -1
-    if preset in ("cpu", "quick"):
+    if preset in ("cpu", "quick", "init"):
         # MoE evaluation is dropless; on CPU the scan over expert tiles is 3-5x faster than
         # jax.lax.ragged_dot (measured: 88-117 vs 315-560 ms per eval batch at the cpu shape).
         c.model.moe.dropless_impl = "loop"
