@@ -22,6 +22,7 @@ activations start with unit variance (``hidden_gain``). The gain is folded into 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -100,8 +101,10 @@ def _normal_moments(act: Activation) -> tuple[float, float]:
     edges = np.arange(-12.0, 13.0)
     z = ((edges[:-1, None] + edges[1:, None]) / 2 + nodes / 2).ravel()  # panel half-width 1/2
     w = np.tile(weights / 2, len(edges) - 1) * np.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
-    with jax.ensure_compile_time_eval():  # a constant, even when built inside a jit trace
-        a = np.asarray(act(jnp.asarray(z, jnp.float32)), np.float64)
+    # In a fresh thread: no enclosing trace (the nnx.vmap that builds stacked layers, a jit)
+    # is active there, so the values are concrete wherever the FFN is built.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        a = pool.submit(lambda: np.asarray(act(jnp.asarray(z, jnp.float32)), np.float64)).result()
     return float(w @ a), float(w @ a**2)
 
 

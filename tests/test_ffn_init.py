@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffn_jax import ffn
+from ffn_jax import ffn, programs
 from ffn_jax.model import LM
 from ffn_jax.moe import MoEFFN
 from ffn_jax.moe.experts import dense_experts
+from ffn_jax.run import build_run_state
 from ffn_jax.spec import ConfigError, config_diff, from_config, model_spec, problems
-from tests.helpers import moe_settings, tiny, tiny_model_cfg
+from tests.helpers import moe_settings, run_spec, tiny, tiny_model_cfg
 
 VARIANTS = sorted(ffn.VARIANTS)
 
@@ -217,3 +218,21 @@ def test_lm_default_is_bit_identical_and_unit_variance_changes_only_the_forward(
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(p1)]
     assert any("router" in k for k in paths) and any("w1" in k for k in paths)
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
+
+
+def test_gain_is_computed_when_the_run_state_is_built():
+    """A run builds its stacked layers under ``nnx.vmap`` inside the jitted initialiser,
+    where ``ensure_compile_time_eval`` does not make values concrete: the first gain computed
+    there must still be a float (a sweep's first unit-variance run crashed with a
+    TracerArrayConversionError)."""
+    eager = ffn.unit_variance_gain("relu")  # jax.nn.relu is a custom_jvp
+    ffn.unit_variance_gain.cache_clear()
+    programs.clear()
+    rs = build_run_state(run_spec(tiny(**{"model.ffn": "relu", "model.ffn_init": "unit_variance"})))
+    model, _ = nnx.merge(rs.graphdef, rs.state)
+    gains = {
+        m.activation.gain
+        for _, m in model.iter_modules()
+        if isinstance(getattr(m, "activation", None), ffn.ScaledActivation)
+    }
+    assert gains == {eager}
