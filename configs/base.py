@@ -206,6 +206,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.eval_batches = 16  # validation batches during training (0 = the whole split)
     t.final_eval = True  # at the end, score every token of eval_splits and write eval.json
     t.eval_splits = "validation,test"  # splits the final evaluation scores
+    # Validation batches the final evaluation scores, evenly spaced over the split (0 = every
+    # token; the test split is always scored in full): a sweep's selection needs fewer.
+    t.final_val_batches = 0
     t.checkpoint_every = 250  # steps between checkpoints
     t.keep_checkpoints = 2  # checkpoints kept
     t.resume = True  # resume from the workdir's checkpoint; False refuses an existing run

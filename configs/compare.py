@@ -10,7 +10,9 @@ Presets:
   cpu    (default) every dense variant (minus the tanh GELU forms) + two MoE FFNs at matched
          active parameters; a learning-rate tuning stage (5 rates, x2 apart, seed 0), then
          5 seeds at each variant's own rate; 256 steps (524k tokens, every dense variant
-         past the byte 3-gram); about 100 runs on a 2-core CPU (see README for its time)
+         past the byte 3-gram); about 100 runs on a 2-core CPU (see README for its time).
+         Selection and the val column use 16 evenly spaced validation batches
+         (``train.final_val_batches``); the test split is scored in full
   quick  3 variants, a 3-point rate grid, 2 seeds: a few minutes on a CPU (smoke run)
   init   the cpu dense variants at both ``model.ffn_init`` values (default, unit_variance),
          one shared rate, 2 seeds: whether the ranking survives unit-variance activations
@@ -105,6 +107,7 @@ PRESETS = {
         warmup=26,
         eval_every=64,
         eval_batches=8,
+        final_val_batches=16,  # of the validation split's 124 batches, evenly spaced
     ),
     "quick": dict(
         size="tiny",
@@ -122,6 +125,7 @@ PRESETS = {
         warmup=6,
         eval_every=20,
         eval_batches=4,
+        final_val_batches=16,
     ),
     # Parameterisation check: every cpu dense variant at both FFN inits (model.ffn_init),
     # one shared rate (the middle of the cpu grid), 2 seeds: does the ranking survive
@@ -208,6 +212,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     d.update(p.get("data", {}))  # gpu, pod: the streamed corpus (FINEWEB_EDU)
     t.steps, t.lr, t.warmup_steps = p["steps"], p["lr"], p["warmup"]
     t.eval_every, t.eval_batches = p["eval_every"], p["eval_batches"]
+    t.final_val_batches = p.get("final_val_batches", 0)
     t.log_every = min(t.log_every, p["eval_every"])
     t.checkpoint_every = p["steps"] // 2
     if preset == "pod":
@@ -216,6 +221,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         # MoE evaluation is dropless; on CPU the scan over expert tiles is 3-5x faster than
         # jax.lax.ragged_dot (measured: 88-117 vs 315-560 ms per eval batch at the cpu shape).
         c.model.moe.dropless_impl = "loop"
+        # A python loop over the stacked layers: at this size the scan's per-iteration
+        # slicing and stacking cost ~10% of the step (docs/perf.md).
+        c.model.scan_layers = False
 
     s = c.sweep = config_dict.ConfigDict()
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset

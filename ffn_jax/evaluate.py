@@ -2,8 +2,9 @@
 text sampling from a trained model.
 
 ``evaluate_run(workdir)`` restores a run's checkpoint in a fresh process, scores every
-token of the validation and test splits exactly once (non-overlapping windows) and
-writes ``eval.json``.
+token of the test split exactly once (non-overlapping windows), and of the validation split
+too unless the run's ``train.final_val_batches`` names a number of evenly spaced batches,
+and writes ``eval.json``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def evaluate_split(
         "bits_per_byte": data_lib.bits_per_byte(total_nll, total_bytes),
         "tokens": int(total_tokens),
         "bytes": int(total_bytes),
+        "batches": len(blocks),
         "blocks": blocks,
     }
 
@@ -125,13 +127,20 @@ def score_splits(
     rs: RunState,
     splits: tuple[str, ...] = ("validation", "test"),
 ) -> dict:
-    """Score every token of ``splits`` with ``state`` and write ``workdir/eval.json``, with
-    the other splits an ``eval.json`` of the same step already holds."""
+    """Score ``splits`` with ``state`` and write ``workdir/eval.json``, with the other splits
+    an ``eval.json`` of the same step already holds. Every token is scored, except that the
+    validation split gets ``spec.train.final_val_batches`` evenly spaced batches when > 0."""
     old = read_eval(workdir) if jax.process_index() == 0 else None
     kept = {k: v for k, v in (old or {}).items() if k in SPLITS and old and old["step"] == step}
     results = {
         split: evaluate_split(
-            eval_step, state, prep.splits[split], spec.data, rs, prep.tokenizer.token_bytes
+            eval_step,
+            state,
+            prep.splits[split],
+            spec.data,
+            rs,
+            prep.tokenizer.token_bytes,
+            max_batches=spec.train.final_val_batches if split == "validation" else 0,
         )
         for split in splits
     }

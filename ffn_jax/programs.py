@@ -1,7 +1,8 @@
 """Compiled programs shared by the runs of a sweep.
 
-Runs that differ only in name, group, seed and learning rate (the points of an LR sweep,
-the seeds of a comparison) compile to the same programs: the seed enters the initialiser
+Runs that differ only in name, group, seed, learning rate and host-loop settings (the
+points of an LR sweep, the seeds of a comparison, a tuning run scored on validation only)
+compile to the same programs: the seed enters the initialiser
 and the learning rate the optimiser state as traced values (``ffn_jax.optim``). So a
 process keeps each program (initialiser, train step, eval step) under the *program key* of
 its run, everything else of the run's config, and a sweep compiles each variant once.
@@ -20,7 +21,24 @@ from ffn_jax.spec import RunSpec
 
 T = TypeVar("T")
 
-PER_RUN = {"": ("name", "seed", "group"), "train": ("lr",)}  # config fields that stay traced
+# Config fields that do not shape the programs: traced per run (seed, lr) or read only by
+# the host loop (what to evaluate or save, and when).
+PER_RUN = {
+    "": ("name", "seed", "group"),
+    "train": (
+        "lr",
+        "final_eval",
+        "eval_splits",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "final_val_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "resume",
+        "profile_steps",
+    ),
+}
 MAX_PROGRAMS = 64  # a sweep of 11 variants holds 3 each; older ones are dropped first
 
 _cache: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()

@@ -283,6 +283,8 @@ def collect(
         for split in SPLITS:
             for k in METRICS:
                 rec[f"{split}_{k}"] = ev[split][k] if split in ev else math.nan
+            rec[f"{split}_tokens"] = ev[split]["tokens"] if split in ev else 0
+        rec["final_val_batches"] = spec.train.final_val_batches
         blocks = np.asarray(ev.get("test", {}).get("blocks", []), dtype=np.float64)
         rec["test_loss_lo"], rec["test_loss_hi"] = _bootstrap(blocks)
         rec["test_loss_ci_halfwidth"] = (rec["test_loss_hi"] - rec["test_loss_lo"]) / 2
@@ -437,6 +439,23 @@ def _write_csv(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def scored_line(records: list[dict]) -> str:
+    """What the final evaluation scored: every test token, and every validation token or
+    the same evenly spaced batches of the validation split (``train.final_val_batches``)."""
+    test = sorted({r["test_tokens"] for r in records if r["test_tokens"]})
+    val = sorted({r["validation_tokens"] for r in records if r["validation_tokens"]})
+    batches = sorted({r["final_val_batches"] for r in records})
+    fmt = "/".join
+    line = f"test: every token of the split ({fmt(f'{c:,}' for c in test)} tokens)"
+    if batches == [0]:
+        return line + f", validation likewise ({fmt(f'{c:,}' for c in val)} tokens)"
+    return line + (
+        f", validation: {fmt(map(str, batches))} evenly spaced batches of the split "
+        f"({fmt(f'{c:,}' for c in val)} tokens, `train.final_val_batches`), the same for "
+        "every run"
+    )
+
+
 def provenance_line(run_dirs: list[str]) -> str:
     """Where the runs came from (their ``run.json``): code commits, versions, devices."""
     seen = []
@@ -524,10 +543,10 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
         ),
         "",
         "**Statistics.** val/test loss and bits/byte: mean ± SD over seeds (± is a standard "
-        "deviation, not an error). Δ: paired (same seed = same data order and init) "
-        "difference of test loss from the row's reference (relu for dense rows, the dense "
-        "variant of its experts for MoE rows) with its 95% t interval over seeds; Holm p: "
-        f"two-sided paired t-test p, Holm-adjusted over the {n_family} "
+        f"deviation, not an error); {scored_line(records)}. Δ: paired (same seed = same data "
+        "order and init) difference of test loss from the row's reference (relu for dense "
+        "rows, the dense variant of its experts for MoE rows) with its 95% t interval over "
+        f"seeds; Holm p: two-sided paired t-test p, Holm-adjusted over the {n_family} "
         f"contrasts of the table (sig. = family-wise error ≤ {ALPHA:g}). "
         + (
             f"With this many seeds the smallest difference a contrast detects with 80% power "

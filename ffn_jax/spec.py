@@ -44,6 +44,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.max_seq_len": 0,
     "model.ffn_init": "default",
     "train.eval_splits": "validation,test",
+    "train.final_val_batches": 0,
 }
 
 
@@ -145,6 +146,7 @@ class TrainSpec:
     log_every: int = _field(resumable=True)
     eval_every: int = _field(resumable=True)
     eval_batches: int = _field(resumable=True)
+    final_val_batches: int = _field(resumable=True)  # 0 = every validation token at the end
     checkpoint_every: int = _field(resumable=True)
     keep_checkpoints: int = _field(resumable=True)
     resume: bool = _field(resumable=True)
@@ -420,7 +422,7 @@ def _train_problems(t: Mapping[str, Any], batch_size: int) -> list[str]:
     for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if t[field] < 1:
             p.append(f"train.{field}={t[field]} must be >= 1")
-    for field in ("eval_every", "eval_batches"):
+    for field in ("eval_every", "eval_batches", "final_val_batches"):
         if t[field] < 0:
             p.append(f"train.{field}={t[field]} must be >= 0 (0 = at the end / whole split)")
     splits = [x.strip() for x in str(t["eval_splits"]).split(",") if x.strip()]

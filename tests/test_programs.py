@@ -52,6 +52,29 @@ def test_a_second_seed_and_lr_reuse_the_programs_and_match_a_fresh_compile(tmp_p
     assert len(keys) == 2
 
 
+def test_host_loop_settings_share_the_programs_and_fields_that_shape_them_do_not():
+    """A tuning run (validation only) and a final run (both splits, another eval cadence)
+    of one variant compile once; a change to the schedule's length or the model does not."""
+    base = run_spec(_cfg(0, 1e-3))
+    host = _cfg(3, 2e-3)
+    host.train.update(
+        eval_splits="validation",
+        final_val_batches=5,
+        eval_every=2,
+        eval_batches=3,
+        log_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=1,
+        final_eval=True,
+    )
+    assert programs.program_key(run_spec(host)) == programs.program_key(base)
+    longer, wider = _cfg(0, 1e-3), _cfg(0, 1e-3)
+    longer.train.steps = 8  # the cosine schedule's length is baked into the step
+    wider.model.d_model = 128
+    keys = {programs.program_key(run_spec(c)) for c in (longer, wider)}
+    assert programs.program_key(base) not in keys and len(keys) == 2
+
+
 def _moe_lm(eval_capacity_factor):
     cfg = tiny_model_cfg()
     moe = cfg.moe

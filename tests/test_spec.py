@@ -20,6 +20,7 @@ def test_every_problem_of_every_section_at_once():
             "train.schedule": "step",
             "data.seq_len": 0,
             "mesh.shape.data": 3,
+            "train.final_val_batches": -1,
         }
     )
     with pytest.raises(ConfigError) as e:
@@ -32,6 +33,7 @@ def test_every_problem_of_every_section_at_once():
         "train.schedule='step'",
         "data.seq_len=0",
         "mesh.shape=",
+        "train.final_val_batches=-1",
     ):
         assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
     assert all("\n" not in p for p in problems)

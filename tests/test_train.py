@@ -470,3 +470,38 @@ def test_eval_of_a_read_only_run_still_returns_its_scores(trained, monkeypatch, 
     scores = evaluate.evaluate_run(workdir)
     assert scores["validation"]["loss"] == pytest.approx(result["val_loss"], rel=1e-6)
     assert any("could not write" in r.message and "eval.json" in r.message for r in caplog.records)
+
+
+def test_final_val_batches_scores_evenly_spaced_validation_batches_and_all_of_test(
+    trained, tmp_path
+):
+    """``train.final_val_batches=3``: the final validation score is the mean over 3 evenly
+    spaced batches (the same as ``evaluate_split(max_batches=3)``); test stays complete."""
+    import dataclasses
+
+    import jax
+
+    from ffn_jax import evaluate
+    from ffn_jax.run import restore
+
+    workdir, _ = trained
+    full = evaluate.read_eval(workdir)
+    r = restore(workdir)
+    spec = dataclasses.replace(r.spec, train=dataclasses.replace(r.spec.train, final_val_batches=3))
+    with jax.set_mesh(r.rs.mesh):
+        step = evaluate.make_eval_step(r.rs.graphdef, r.rs.state_shardings, r.rs.batch_sharding)
+        out = evaluate.score_splits(str(tmp_path), step, r.state, r.step, spec, r.prep, r.rs)
+        three = evaluate.evaluate_split(
+            step,
+            r.state,
+            r.prep.splits["validation"],
+            spec.data,
+            r.rs,
+            r.prep.tokenizer.token_bytes,
+            max_batches=3,
+        )
+    assert out["validation"]["batches"] == 3 < full["validation"]["batches"]
+    assert out["validation"]["loss"] == pytest.approx(three["loss"], rel=1e-6)
+    assert out["test"]["batches"] == full["test"]["batches"]
+    assert out["test"]["loss"] == pytest.approx(full["test"]["loss"], rel=1e-6)
+    assert evaluate.read_eval(str(tmp_path))["validation"]["batches"] == 3
