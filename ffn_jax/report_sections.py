@@ -140,35 +140,77 @@ def scaling_section(fits: dict) -> str:
     return "\n".join(lines)
 
 
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import rankdata
+
+    return float(np.corrcoef(rankdata(a), rankdata(b))[0, 1]) if len(a) > 2 else math.nan
+
+
 def ranking_section(rows: list[dict]) -> str:
     """For each axis other than model size (e.g. ``model.ffn_init``): the dense variants'
     ranking by mean test loss at each of its values and the Spearman correlation of each
     ranking with the first value's, over the variants present at both ("does the ranking
-    survive?")."""
-    from scipy.stats import rankdata
+    survive?"); a table of each variant's test loss at every value with the seed-paired
+    change from the first; for ``model.ffn_init``, the correlation of the test loss with
+    the SD of the variant's hidden activation at the default initialisation (the
+    parameterisation hypothesis: larger activations, larger steps at a shared rate)."""
+    from ffn_jax.ffn import unit_variance_gain
 
     keys = [k for k in dict.fromkeys(k for r in rows for k, _ in r["axes"]) if k != SIZE_FIELD]
     lines = []
     for key in keys:
-        by_value: dict[Any, dict[str, float]] = defaultdict(dict)
+        by_value: dict[Any, dict[str, dict]] = defaultdict(dict)
         for r in rows:
             axes = dict(r["axes"])
             if key in axes and not r["moe"]:
-                by_value[axes[key]][r["base_variant"]] = r["test_loss_mean"]
+                by_value[axes[key]][r["base_variant"]] = r
         if len(by_value) < 2:
             continue
         (first, ref), *others = by_value.items()
+        loss = {v: {n: r["test_loss_mean"] for n, r in rs.items()} for v, rs in by_value.items()}
         lines += [f"## Ranking across {key}", ""]
-        lines.append(f"- {key}={first}: " + ", ".join(sorted(ref, key=lambda v: ref[v])))
-        for value, losses in others:
-            common = [v for v in ref if v in losses]
-            ranks = [rankdata([ref[v] for v in common]), rankdata([losses[v] for v in common])]
-            rho = float(np.corrcoef(ranks)[0, 1]) if len(common) > 2 else math.nan
+        lines.append(f"- {key}={first}: " + ", ".join(sorted(ref, key=lambda n: loss[first][n])))
+        for value, _ in others:
+            common = [n for n in ref if n in loss[value]]
+            rho = _spearman([loss[first][n] for n in common], [loss[value][n] for n in common])
             lines.append(
                 f"- {key}={value}: "
-                + ", ".join(sorted(losses, key=lambda v: losses[v]))
+                + ", ".join(sorted(loss[value], key=lambda n: loss[value][n]))
                 + f" (Spearman ρ = {rho:.2f} with {key}={first}, {len(common)} variants)"
             )
+        lines += [
+            "",
+            "| variant | "
+            + " | ".join(f"test loss, {value}" for value in by_value)
+            + " | "
+            + " | ".join(f"Δ {value} − {first} (per seed)" for value, _ in others)
+            + " |",
+            "|---|" + "---|" * (len(by_value) + len(others)),
+        ]
+        for n in sorted(ref, key=lambda n: loss[first][n]):
+            cells = [f"{loss[v].get(n, math.nan):.4f}" for v in by_value]
+            for _, rs in others:
+                a, b = ref[n]["per_seed"], rs[n]["per_seed"] if n in rs else {}
+                seeds = sorted(set(a) & set(b))
+                d = [b[s] - a[s] for s in seeds]
+                cells.append(
+                    f"{np.mean(d):+.4f} ({', '.join(f'{x:+.4f}' for x in d)})" if d else "—"
+                )
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if key == "model.ffn_init":
+            sd = {n: 1.0 / unit_variance_gain(n) for n in ref}
+            rhos = []
+            for v in by_value:
+                names = [n for n in loss[v] if n in sd]
+                rho = _spearman([sd[n] for n in names], [loss[v][n] for n in names])
+                rhos.append(f"{rho:+.2f} at {v}")
+            lines += [
+                "",
+                "Spearman ρ of the test loss with the SD of the variant's hidden activation at "
+                f"the default initialisation (N(0, 1) pre-activations): {', '.join(rhos)}. Seeds "
+                f"{', '.join(map(str, sorted(ref[next(iter(ref))]['per_seed'])))}; Δ < 0: "
+                "lower loss at the second value.",
+            ]
         lines.append("")
     return "\n".join(lines)
 

@@ -194,12 +194,18 @@ def test_ranking_across_an_axis_with_its_rank_correlation():
     recs = []
     for init, order in (
         ("default", ("relu", "gelu", "swiglu")),
-        ("unit", ("swiglu", "gelu", "relu")),
+        ("unit_variance", ("swiglu", "gelu", "relu")),
     ):
         for i, variant in enumerate(order):
             recs += [
-                record(variant, s, 2.0 + 0.1 * i, **{"model.ffn_init": init}) for s in range(2)
+                record(variant, s, 2.0 + 0.1 * i + 0.01 * s, **{"model.ffn_init": init})
+                for s in range(2)
             ]
     text = report_sections.ranking_section(report.aggregate(recs))
     assert "- model.ffn_init=default: relu, gelu, swiglu" in text
-    assert "- model.ffn_init=unit: swiglu, gelu, relu (Spearman ρ = -1.00" in text
+    assert "- model.ffn_init=unit_variance: swiglu, gelu, relu (Spearman ρ = -1.00" in text
+    # relu: 2.00/2.01 at default, 2.20/2.21 at unit_variance: +0.2 on each seed.
+    assert "| relu | 2.0050 | 2.2050 | +0.2000 (+0.2000, +0.2000) |" in text
+    # Hidden SD at init: relu 0.584 < gelu 0.588 < swiglu 0.600 (the table), so
+    # the default losses rise with it (rho +1) and the unit-variance losses fall (rho -1).
+    assert "(N(0, 1) pre-activations): +1.00 at default, -1.00 at unit_variance" in text
