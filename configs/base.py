@@ -163,6 +163,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe.granularity = 1  # fine-grained experts: width / g, experts * g, top_k * g
     moe.num_shared = 0  # always-on shared experts (DeepSeekMoE)
     moe.jitter = 0.0  # multiplicative router input noise in training, e.g. 0.01
+    moe.router_bias = False  # a learned per-expert bias on the router logits
     moe.lb_loss_coef = 0.01  # Switch load-balancing loss coefficient
     moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient
 

@@ -45,6 +45,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.ffn_init": "default",
     "train.eval_splits": "validation,test",
     "train.final_val_batches": 0,
+    "model.moe.router_bias": False,
 }
 
 
@@ -235,8 +236,11 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
     with the values they had before (``LEGACY_DEFAULTS``); a new dict."""
     out = to_dict(raw)
     for dotted, default in LEGACY_DEFAULTS.items():
-        section, name = dotted.split(".")
-        out.setdefault(section, {}).setdefault(name, default)
+        *path, name = dotted.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node.setdefault(name, default)
     if "group" not in out and "name" in out:
         # Runs written before sweeps stored their group: "<variant>-s<seed>" names.
         m = re.fullmatch(r"(.+)-s(\d+)", str(out["name"]))
@@ -381,6 +385,8 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
     for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef"):
         if moe[field] < 0:
             p.append(f"model.moe.{field}={moe[field]} must be >= 0")
+    if not isinstance(moe["router_bias"], bool):
+        p.append(f"model.moe.router_bias={moe['router_bias']!r} must be true or false")
     if not moe["jitter"] < 1:
         p.append(f"model.moe.jitter={moe['jitter']} must be < 1 (e.g. 0.01)")
     every = moe["every"]
@@ -517,7 +523,7 @@ def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec
     assert d_ff is not None and vocab is not None
     moe = None
     if m["moe"]["num_experts"] > 0:
-        moe = MoESettings.from_block(m["moe"], d_ff)
+        moe = MoESettings.from_block(m["moe"], d_ff, dropout=m["dropout"])
     every = moe.every if moe is not None else 0
     kinds = tuple(
         "moe" if every and (i + 1) % every == 0 else "dense" for i in range(m["n_layers"])

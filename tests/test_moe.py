@@ -76,8 +76,9 @@ def ref_probs(layer: MoEFFN, x_td: np.ndarray) -> np.ndarray:
 
 
 def ref_token_choice(layer: MoEFFN, x_btd, cap: int | None):
-    """Loop reference: position-major priority (position ``j`` of every sequence, each
-    token's choices in rank order, before ``j+1``), first come first served up to ``cap``."""
+    """Loop reference: (position, rank, batch) priority (at position ``j`` every sequence's
+    first choice, then every second choice, ..., before ``j+1``), first come first served
+    up to ``cap``."""
     x = np.asarray(x_btd).reshape(-1, D)
     k, renorm = layer.settings.top_k, layer.settings.renormalize
     probs = ref_probs(layer, x)
@@ -87,14 +88,14 @@ def ref_token_choice(layer: MoEFFN, x_btd, cap: int | None):
         weight = weight / weight.sum(-1, keepdims=True)
     y, used, dropped = np.zeros_like(x), [0] * layer.settings.num_experts, 0
     batch, length = np.shape(x_btd)[:2]
-    for t in [b * length + j for j in range(length) for b in range(batch)]:
-        for rank in range(k):
-            e = choice[t, rank]
-            if cap is not None and used[e] >= cap:
-                dropped += 1
-                continue
-            used[e] += 1
-            y[t] += weight[t, rank] * ref_expert(layer, e, x[t])
+    order = [(b * length + j, r) for j in range(length) for r in range(k) for b in range(batch)]
+    for t, rank in order:
+        e = choice[t, rank]
+        if cap is not None and used[e] >= cap:
+            dropped += 1
+            continue
+        used[e] += 1
+        y[t] += weight[t, rank] * ref_expert(layer, e, x[t])
     return y.reshape(np.shape(x_btd)), dropped / (k * x.shape[0])
 
 

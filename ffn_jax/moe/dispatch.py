@@ -7,11 +7,14 @@ with no collectives (``axes.expert`` None).
 
 Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tensors):
 
-* **capacity** (token choice): assignments are ranked position-major (every sequence's
-  token at position ``j``, each with its k choices in rank order, before position ``j+1``),
-  so whether a token keeps its slot depends only on tokens at its own or earlier positions:
-  causal. (A k-major order, every first choice before any second choice, lets a later
-  token's first choice evict an earlier token's second: a path from the future.) The
+* **capacity** (token choice): assignments are ranked in (position, rank, batch) order:
+  at position ``j`` every sequence's first choice, then every sequence's second choice, ...,
+  all before position ``j+1``. First choices thus have priority over second choices at the
+  same position (as GShard/Mesh-TF give them), so a token's second choice cannot take the
+  slot of another sequence's first choice; and whether a token keeps its slot depends only
+  on tokens at its own or earlier positions: causal. (A global k-major order, every first
+  choice of the group before any second choice, would let a later token's first choice
+  evict an earlier token's second: a path from the future.) The
   position of an assignment in its expert is a cumsum over the ``(t*k, E)`` assignment
   mask, and assignments at positions ``>= C`` are dropped (their contribution is 0: the
   token passes through the residual only). Kept ones are gathered into an ``(E, C, d)``
@@ -41,6 +44,7 @@ import jax.numpy as jnp
 
 from ffn_jax.moe.experts import (
     Activation,
+    HiddenDropout,
     Weights,
     dense_experts,
     ragged_experts,
@@ -63,13 +67,17 @@ NO_MESH = ShardAxes()
 
 
 def _exchange_and_compute(
-    buf_ecd: jax.Array, w: Weights, act: Activation, axes: ShardAxes
+    buf_ecd: jax.Array,
+    w: Weights,
+    act: Activation,
+    axes: ShardAxes,
+    drop: HiddenDropout | None = None,
 ) -> jax.Array:
     """Run the experts on an ``(E, C, d)`` slot buffer, with the expert-parallel exchange."""
     if axes.expert is None:
-        return dense_experts(buf_ecd, w, act)
+        return dense_experts(buf_ecd, w, act, drop)
     recv = jax.lax.all_to_all(buf_ecd, axes.expert, 0, 1, tiled=True)  # (E_l, n_ep*C, d)
-    out = dense_experts(recv, w, act)
+    out = dense_experts(recv, w, act, drop)
     return jax.lax.all_to_all(out, axes.expert, 1, 0, tiled=True)  # (E, C, d)
 
 
@@ -82,17 +90,19 @@ def capacity_dispatch(
     cap: int,
     axes: ShardAxes,
     length: int,
+    drop: HiddenDropout | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
     """Token choice with ``cap`` slots per expert over ``t = batch * length`` tokens (rows
-    of ``x_td`` batch-major). Returns ``(y_td, count_e, dropped, of)``."""
+    of ``x_td`` batch-major); ``expert_tk``/``weight_tk`` ``(t, k)``. Returns
+    ``(y_td, count_e, dropped, of)``."""
     t, d = x_td.shape
     k = expert_tk.shape[1]
     num_e = w["w1"].shape[0] * axes.n_expert
     batch = t // length
 
     def by_position(a_tk: jax.Array) -> jax.Array:
-        """``(t, k)`` per token -> ``(t*k,)`` in priority order (position-major)."""
-        return a_tk.reshape(batch, length, k).transpose(1, 0, 2).reshape(-1)
+        """``(t, k)`` per token -> ``(t*k,)`` in priority order (position, rank, batch)."""
+        return a_tk.reshape(batch, length, k).transpose(1, 2, 0).reshape(-1)
 
     expert_a = by_position(expert_tk)
     token_a = by_position(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)))
@@ -102,8 +112,8 @@ def capacity_dispatch(
     slot_a = jnp.where(keep_a, expert_a * cap + pos_a, num_e * cap)
     token_s = jnp.full((num_e * cap,), t, jnp.int32).at[slot_a].set(token_a, mode="drop")
     buf_ecd = x_td.at[token_s].get(mode="fill", fill_value=0).reshape(num_e, cap, d)
-    out_sd = _exchange_and_compute(buf_ecd, w, act, axes).reshape(num_e * cap, d)
-    slot_tk = slot_a.reshape(length, batch, k).transpose(1, 0, 2).reshape(-1)  # token order
+    out_sd = _exchange_and_compute(buf_ecd, w, act, axes, drop).reshape(num_e * cap, d)
+    slot_tk = slot_a.reshape(length, k, batch).transpose(2, 0, 1).reshape(-1)  # token order
     y_tkd = out_sd.at[slot_tk].get(mode="fill", fill_value=0).reshape(t, k, d)
     y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     return y_td, jnp.sum(onehot_ae, axis=0), jnp.sum(~keep_a), k * t
@@ -116,11 +126,14 @@ def expert_choice_dispatch(
     act: Activation,
     cap: int,
     axes: ShardAxes,
+    logits_te: jax.Array | None = None,
+    drop: HiddenDropout | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Expert choice with ``cap`` tokens per expert. Returns ``(y_td, count_e, unpicked, t)``."""
+    """Expert choice with ``cap`` tokens per expert (selected on ``logits_te (t, E)`` when
+    given, see ``expert_choice_route``). Returns ``(y_td, count_e, unpicked, t)``."""
     t, d = x_td.shape
-    token_ec, weight_ec = expert_choice_route(probs_te, cap)
-    out_ecd = _exchange_and_compute(x_td[token_ec], w, act, axes)
+    token_ec, weight_ec = expert_choice_route(probs_te, cap, logits_te)
+    out_ecd = _exchange_and_compute(x_td[token_ec], w, act, axes, drop)
     weighted = (out_ecd * weight_ec[..., None].astype(out_ecd.dtype)).reshape(-1, d)
     y_td = jnp.zeros_like(x_td).at[token_ec.reshape(-1)].add(weighted)
     picked_t = jnp.zeros((t,), bool).at[token_ec.reshape(-1)].set(True)
@@ -134,13 +147,18 @@ def _inverse(order: jax.Array) -> jax.Array:
 
 
 def _grouped(
-    x_nd: jax.Array, expert_n: jax.Array, w: Weights, act: Activation, impl: str
+    x_nd: jax.Array,
+    expert_n: jax.Array,
+    w: Weights,
+    act: Activation,
+    impl: str,
+    drop: HiddenDropout | None = None,
 ) -> jax.Array:
     """Grouped expert FFN on rows sorted by local expert (ids >= E_l are padding -> 0)."""
     num_local = w["w1"].shape[0]
     group_e = jnp.bincount(expert_n, length=num_local).astype(jnp.int32)
     fn = ragged_experts if impl == "ragged" else tiled_experts
-    y_nd = fn(x_nd, expert_n, group_e, w, act)
+    y_nd = fn(x_nd, expert_n, group_e, w, act, drop)
     return jnp.where((expert_n < num_local)[:, None], y_nd, 0)
 
 
@@ -151,10 +169,11 @@ def _dropless_exchange(
     act: Activation,
     impl: str,
     axes: ShardAxes,
+    drop: HiddenDropout | None = None,
 ) -> jax.Array:
     """Experts on rows sorted by global expert id, exchanged capacity-free over the expert axis."""
     if axes.expert is None:
-        return _grouped(x_nd, expert_n, w, act, impl)
+        return _grouped(x_nd, expert_n, w, act, impl, drop)
     n, (rows, d) = axes.n_expert, x_nd.shape
     num_local = w["w1"].shape[0]
     dest_n = expert_n // num_local
@@ -171,7 +190,7 @@ def _dropless_exchange(
     recv_x = jax.lax.all_to_all(send_x, axes.expert, 0, 0, tiled=True).reshape(n * rows, d)
     recv_e = jax.lax.all_to_all(send_e, axes.expert, 0, 0, tiled=True).reshape(n * rows)
     order = jnp.argsort(recv_e, stable=True)
-    out = _grouped(recv_x[order], recv_e[order], w, act, impl)[_inverse(order)]
+    out = _grouped(recv_x[order], recv_e[order], w, act, impl, drop)[_inverse(order)]
     back_jrd = jax.lax.all_to_all(out.reshape(n, rows, d), axes.expert, 0, 0, tiled=True)
     return back_jrd[dest_n, rank_r - start_j[dest_n]]
 
@@ -184,12 +203,14 @@ def dropless_dispatch(
     act: Activation,
     impl: str,
     axes: ShardAxes,
+    drop: HiddenDropout | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Token choice without capacity. Returns ``(y_td, count_e, 0, t*k)``."""
+    """Token choice without capacity (``expert_tk``/``weight_tk`` ``(t, k)``). Returns
+    ``(y_td, count_e, 0, t*k)``."""
     t, k = expert_tk.shape
     expert_a = expert_tk.reshape(-1)  # token-major
     order = jnp.argsort(expert_a, stable=True)
-    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes)
+    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes, drop)
     y_tkd = y_sd[_inverse(order)].reshape(t, k, -1)
     y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     count_e = jnp.bincount(expert_a, length=w["w1"].shape[0] * axes.n_expert)

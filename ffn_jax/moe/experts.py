@@ -17,10 +17,16 @@ Three implementations with identical results:
 * ``tiled_experts``: a ``lax.scan`` over fixed-size row tiles, each tile holding rows of one
   expert (every group padded to a multiple of the tile), empty tiles skipped by ``lax.cond``.
   FLOPs = rows + at most one partial tile per expert: the fast dropless choice on CPU.
+
+``drop`` (a ``HiddenDropout`` or None) is the hidden dropout of the dense FFN
+(``model.dropout``), applied to the hidden activation (the gated product for gated
+variants) before the output matmul, in training only; None (evaluation, or rate 0) leaves
+the computation exactly as without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -34,6 +40,26 @@ Activation = Callable[[jax.Array], jax.Array]
 TILE_ROWS = 128  # rows per tile of tiled_experts (matmul efficiency vs padding waste)
 
 
+@dataclasses.dataclass(frozen=True)
+class HiddenDropout:
+    """Inverted dropout of rate ``rate`` on hidden activations, masks drawn from ``key``
+    (a typed PRNG key, already folded per shard when inside ``shard_map``)."""
+
+    rate: float
+    key: jax.Array
+
+    def fold(self, salt: jax.Array | int) -> HiddenDropout:
+        """The same dropout with its key folded with ``salt`` (e.g. a tile index)."""
+        return HiddenDropout(self.rate, jax.random.fold_in(self.key, salt))
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """``h`` (any shape) with each element zeroed with probability ``rate``, the rest
+        scaled by ``1 / (1 - rate)`` (as ``nnx.Dropout``)."""
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.key, keep_prob, h.shape)
+        return jnp.where(keep, h / keep_prob, jnp.zeros_like(h))
+
+
 def _plus_bias(h: jax.Array, w: Weights, name: str, index: jax.Array | None) -> jax.Array:
     """``h`` plus bias ``name`` if present: per expert ``(E, 1, width)`` or per row ``index``."""
     if name not in w:
@@ -41,8 +67,10 @@ def _plus_bias(h: jax.Array, w: Weights, name: str, index: jax.Array | None) -> 
     return h + (w[name][:, None] if index is None else w[name][index]).astype(h.dtype)
 
 
-def dense_experts(x_ecd: jax.Array, w: Weights, act: Activation) -> jax.Array:
-    """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)``."""
+def dense_experts(
+    x_ecd: jax.Array, w: Weights, act: Activation, drop: HiddenDropout | None = None
+) -> jax.Array:
+    """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)`` (``drop``: hidden dropout)."""
     dt = x_ecd.dtype
     if "w3" in w:  # both halves in one batched matmul, as in the dense FFN
         w13 = jnp.concatenate([w["w1"], w["w3"]], axis=-1).astype(dt)
@@ -50,12 +78,19 @@ def dense_experts(x_ecd: jax.Array, w: Weights, act: Activation) -> jax.Array:
         h = gated_activation(act, _plus_bias(h, w, "b1", None), _plus_bias(g, w, "b3", None))
     else:
         h = act(_plus_bias(jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt)), w, "b1", None))
+    if drop is not None:
+        h = drop(h)
     y = jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt))
     return _plus_bias(y, w, "b2", None)
 
 
 def ragged_experts(
-    x_nd: jax.Array, expert_n: jax.Array, group_sizes_e: jax.Array, w: Weights, act: Activation
+    x_nd: jax.Array,
+    expert_n: jax.Array,
+    group_sizes_e: jax.Array,
+    w: Weights,
+    act: Activation,
+    drop: HiddenDropout | None = None,
 ) -> jax.Array:
     """Grouped matmul on rows sorted by ``expert_n`` (padding rows last, any id >= E).
 
@@ -69,6 +104,8 @@ def ragged_experts(
         h = gated_activation(act, h, _plus_bias(g, w, "b3", e))
     else:
         h = act(h)
+    if drop is not None:
+        h = drop(h)
     return _plus_bias(jax.lax.ragged_dot(h, w["w2"].astype(dt), group_sizes_e), w, "b2", e)
 
 
@@ -96,9 +133,11 @@ def tiled_experts(
     group_sizes_e: jax.Array,
     w: Weights,
     act: Activation,
+    drop: HiddenDropout | None = None,
     tile: int = TILE_ROWS,
 ) -> jax.Array:
-    """Same contract as ``ragged_experts``, as a scan over single-expert row tiles."""
+    """Same contract as ``ragged_experts``, as a scan over single-expert row tiles (the
+    dropout key is folded with the tile index)."""
     n, d = x_nd.shape
     tile = min(tile, n)
     num_e = group_sizes_e.shape[0]
@@ -107,16 +146,18 @@ def tiled_experts(
     x_tiles = x_tiles.reshape(n_tiles, tile, d)
 
     def one_tile(_, inputs):
-        x_cd, e = inputs
+        x_cd, e, i = inputs
         w_e = {name: a[jnp.minimum(e, num_e - 1)][None] for name, a in w.items()}
+        drop_i = drop.fold(i) if drop is not None else None
         y_cd = jax.lax.cond(
             e < num_e,
-            lambda x, w_e: dense_experts(x[None], w_e, act)[0],
+            lambda x, w_e: dense_experts(x[None], w_e, act, drop_i)[0],
             lambda x, _: jnp.zeros_like(x),
             x_cd,
             w_e,
         )
         return None, y_cd
 
-    _, y_tiles = jax.lax.scan(one_tile, None, (x_tiles, tile_expert))
+    tile_index = jnp.arange(n_tiles, dtype=jnp.int32)
+    _, y_tiles = jax.lax.scan(one_tile, None, (x_tiles, tile_expert, tile_index))
     return y_tiles.reshape(n_tiles * tile, d).at[dest_n].get(mode="fill", fill_value=0)

@@ -86,14 +86,16 @@ def run_routed(
     s: MoESettings,
     act,
     capacity_factor: float,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without a
     mesh or on a one-device mesh (where the backward of ``shard_map`` would only copy the
-    replicated expert weights through a ``psum``)."""
+    replicated expert weights through a ``psum``). ``dropout_key``: raw ``uint32`` key data
+    of the experts' hidden dropout (None = none), passed replicated into the shard_map."""
     fn = functools.partial(moe_shard, s=s, act=act, capacity_factor=capacity_factor)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return fn(x_bld, logits_ble, w, axes=NO_MESH)
+        return fn(x_bld, logits_ble, w, axes=NO_MESH, dropout_key=dropout_key)
     axes = shard_axes(s.num_experts)
     shards = math.prod(mesh.shape[a] for a in axes.batch)
     if x_bld.shape[0] % shards:
@@ -103,13 +105,21 @@ def run_routed(
         )
     tokens = P(axes.batch or None, None, None)
     w_specs = {name: P(axes.expert, *(None,) * (_EXPERT_NDIM[name] - 1)) for name in w}
-    sharded = jax.shard_map(
-        functools.partial(fn, axes=axes),
-        in_specs=(tokens, tokens, w_specs),
+    if dropout_key is None:
+        sharded = jax.shard_map(
+            functools.partial(fn, axes=axes),
+            in_specs=(tokens, tokens, w_specs),
+            out_specs=(tokens, P()),
+            check_vma=True,
+        )
+        return sharded(x_bld, logits_ble, w)
+    sharded_drop = jax.shard_map(
+        lambda x, lg, w, key: fn(x, lg, w, axes=axes, dropout_key=key),
+        in_specs=(tokens, tokens, w_specs, P()),
         out_specs=(tokens, P()),
         check_vma=True,
     )
-    return sharded(x_bld, logits_ble, w)
+    return sharded_drop(x_bld, logits_ble, w, dropout_key)
 
 
 class MoEFFN(nnx.Module):
@@ -118,6 +128,9 @@ class MoEFFN(nnx.Module):
     ``settings`` are the resolved MoE settings (``ModelSpec.moe``; expert width, E and k
     already include the granularity). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
     ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
+    ``router_bias`` None (the default) takes ``settings.router_bias``. In training the
+    experts (and the shared expert) apply ``settings.dropout`` to their hidden activations,
+    as the dense FFN does; evaluation is deterministic.
     Init: router and ``w1``/``w3`` std ``1/sqrt(fan_in)``; ``w2`` (and the shared expert's)
     times ``out_scale``, as the dense FFN it replaces (``1/sqrt(2 n_layers)`` in the LM).
     ``ffn_init`` scales the experts' (and the shared expert's) hidden activations exactly as
@@ -131,7 +144,7 @@ class MoEFFN(nnx.Module):
         *,
         variant: str,
         use_bias: bool = False,
-        router_bias: bool = False,
+        router_bias: bool | None = None,
         dtype: jnp.dtype = jnp.float32,
         out_scale: float = 1.0,
         ffn_init: str = "default",
@@ -147,6 +160,7 @@ class MoEFFN(nnx.Module):
             param(kernel_init(d_model), ("embed", None))(rngs.params(), (d_model, e))
         )
         zeros = nnx.initializers.zeros_init()
+        router_bias = s.router_bias if router_bias is None else router_bias
         self.router_bias = (
             nnx.Param(param(zeros, (None,))(rngs.params(), (e,))) if router_bias else None
         )
@@ -168,6 +182,7 @@ class MoEFFN(nnx.Module):
                 s.shared_width,
                 variant,
                 use_bias=use_bias,
+                dropout=s.dropout,
                 dtype=dtype,
                 out_scale=out_scale,
                 ffn_init=ffn_init,
@@ -176,7 +191,7 @@ class MoEFFN(nnx.Module):
             if s.shared_width
             else None
         )
-        self.rngs = rngs["dropout"].fork() if s.jitter > 0 else None
+        self.rngs = rngs["dropout"].fork() if s.jitter > 0 or s.dropout > 0 else None
         # True: aux also holds the router's assignments (see ``LM.capture``).
         self.capture = False
 
@@ -193,7 +208,7 @@ class MoEFFN(nnx.Module):
     def router_logits(self, x_btd: jax.Array) -> jax.Array:
         """Float32 router logits ``(b, t, E)``, with multiplicative jitter in training."""
         x = x_btd.astype(jnp.float32)
-        if self.rngs is not None and not self.deterministic:
+        if self.rngs is not None and self.settings.jitter > 0 and not self.deterministic:
             eps = self.settings.jitter
             x = x * jax.random.uniform(self.rngs(), x.shape, jnp.float32, 1 - eps, 1 + eps)
         logits = x @ self.router[...].astype(jnp.float32)
@@ -208,6 +223,9 @@ class MoEFFN(nnx.Module):
         elif self.deterministic and "dropless" in ROUTERS[s.router].dispatches:
             s = dataclasses.replace(s, dispatch="dropless")
         logits = self.router_logits(x_btd)
+        dropout_key = None
+        if self.rngs is not None and s.dropout > 0 and not self.deterministic:
+            dropout_key = jax.random.key_data(self.rngs())
         y, aux = run_routed(
             x_btd.astype(self.dtype),
             logits,
@@ -215,14 +233,15 @@ class MoEFFN(nnx.Module):
             s=s,
             act=self.activation,
             capacity_factor=cf,
+            dropout_key=dropout_key,
         )
         if self.shared is not None:
             shared = self.shared(x_btd)
             assert not isinstance(shared, tuple)  # capture is set on blocks' FFNs only
             y = y + shared
         if self.capture:  # the flat token -> expert assignments of these logits
-            probs_te = jax.nn.softmax(logits.reshape(-1, s.num_experts), -1)
-            cap = capacity(cf, s.top_k, probs_te.shape[0], s.num_experts)
-            expert_a, token_a = ROUTERS[s.router].assign(probs_te, s, cap)
+            logits_te = logits.reshape(-1, s.num_experts)
+            cap = capacity(cf, s.top_k, logits_te.shape[0], s.num_experts)
+            expert_a, token_a = ROUTERS[s.router].assign(logits_te, s, cap)
             aux = {**aux, "capture/expert": expert_a, "capture/token": token_a}
         return y, aux

@@ -31,26 +31,39 @@ if TYPE_CHECKING:
     from ffn_jax.moe.settings import MoESettings
 
 
-def top_k_route(probs_te: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
-    """Token choice: ``(expert_tk int32, weight_tk float32)``, best choice first.
+def top_k_route(
+    probs_te: jax.Array, k: int, renormalize: bool, logits_te: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Token choice: ``(expert_tk int32, weight_tk float32)`` of shape ``(t, k)``, best first.
 
-    The weight is the pre-selection router probability, so with ``k = 1`` (Switch) the router
+    The experts are selected on ``logits_te (t, E)`` when given (softmax keeps their order
+    and they do not underflow, so probabilities that round to the same float32 value, 0
+    included, cannot pick the wrong experts), else on ``probs_te (t, E)``. The weight is the
+    chosen experts' pre-selection router probability, so with ``k = 1`` (Switch) the router
     still gets a gradient from the task loss; for ``k >= 2`` ``renormalize`` rescales the
     selected weights to sum to 1.
     """
-    weight_tk, expert_tk = jax.lax.top_k(probs_te, k)
+    _, expert_tk = jax.lax.top_k(probs_te if logits_te is None else logits_te, k)
+    weight_tk = jnp.take_along_axis(probs_te, expert_tk, axis=-1)
     if renormalize and k > 1:
         weight_tk = weight_tk / jnp.sum(weight_tk, axis=-1, keepdims=True)
     return expert_tk.astype(jnp.int32), weight_tk
 
 
-def expert_choice_route(probs_te: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def expert_choice_route(
+    probs_te: jax.Array, capacity: int, logits_te: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Expert choice: every expert takes its ``capacity`` highest-probability tokens.
 
-    Returns ``(token_ec int32, weight_ec float32)``. Non-causal in a decoder: whether a token is
-    picked depends on the other tokens of the group, later ones included.
+    Returns ``(token_ec int32, weight_ec float32)`` of shape ``(E, capacity)``. With
+    ``logits_te (t, E)`` the tokens are selected on ``log_softmax(logits)`` (the order of the
+    probabilities over tokens, without float32 underflow); the weights are the probabilities.
+    Non-causal in a decoder: whether a token is picked depends on the other tokens of the
+    group, later ones included.
     """
-    weight_ec, token_ec = jax.lax.top_k(probs_te.T, capacity)
+    select_te = probs_te if logits_te is None else jax.nn.log_softmax(logits_te, axis=-1)
+    _, token_ec = jax.lax.top_k(select_te.T, capacity)
+    weight_ec = jnp.take_along_axis(probs_te.T, token_ec, axis=-1)
     return token_ec.astype(jnp.int32), weight_ec
 
 

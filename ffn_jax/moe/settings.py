@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any
 
 from ffn_jax.ffn import ffn_cost
@@ -52,11 +53,14 @@ class MoESettings:
     every: int = 1  # MoE in every N-th layer (the last of each group of N)
     lb_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    router_bias: bool = False  # a learned (E,) bias added to the router logits
+    dropout: float = 0.0  # hidden dropout inside the experts (``model.dropout``), training only
 
     @classmethod
-    def from_block(cls, moe: Mapping[str, Any], d_ff: int) -> MoESettings:
+    def from_block(cls, moe: Mapping[str, Any], d_ff: int, dropout: float = 0.0) -> MoESettings:
         """Settings of a ``config.model.moe`` block (a mapping) for the dense
-        parameter-matched width ``d_ff``."""
+        parameter-matched width ``d_ff``; ``dropout`` is ``model.dropout`` (expert hidden
+        dropout, as the dense FFN's)."""
         g = int(moe["granularity"])
         width = d_ff // g
         return cls(
@@ -74,6 +78,8 @@ class MoESettings:
             every=int(moe["every"]),
             lb_loss_coef=float(moe["lb_loss_coef"]),
             z_loss_coef=float(moe["z_loss_coef"]),
+            router_bias=bool(moe.get("router_bias", False)),
+            dropout=float(dropout),
         )
 
     @property
@@ -88,15 +94,21 @@ class MoESettings:
 
 
 def capacity(capacity_factor: float, k: int, tokens: int, num_experts: int) -> int:
-    """Slots per expert in a group of ``tokens`` tokens (see the module docstring)."""
-    return max(1, min(tokens, math.ceil(capacity_factor * k * tokens / num_experts)))
+    """Slots per expert in a group of ``tokens`` tokens (see the module docstring).
+
+    Exact: the factor is taken as the decimal it prints as (``Fraction(str(1.1)) = 11/10``),
+    so ``capacity(1.1, 1, 110, 11) == 11`` with no float rounding up to 12.
+    """
+    slots = Fraction(str(capacity_factor)) * k * tokens / num_experts
+    return max(1, min(tokens, math.ceil(slots)))
 
 
 def moe_cost(s: MoESettings, variant: str, d_model: int, use_bias: bool = False) -> dict:
     """Parameters and forward FLOPs per token of one MoE FFN (for the comparison tables).
 
-    ``total_params``: routed experts + router + shared expert. ``active_params``: the ``k``
-    experts a token uses + router + shared (expert choice: ``k`` on average).
+    ``total_params``: routed experts + router (with its bias under ``router_bias``) + shared
+    expert. ``active_params``: the ``k`` experts a token uses + router + shared (expert
+    choice: ``k`` on average).
     ``flops_per_token``: the same active count in FLOPs (router matmul included), i.e. what a
     dense FFN must spend to be "matched in active FLOPs". ``compute_flops_per_token`` adds
     the empty capacity slots the capacity path computes anyway (``capacity_factor * k``
@@ -109,8 +121,9 @@ def moe_cost(s: MoESettings, variant: str, d_model: int, use_bias: bool = False)
         else {"params": 0, "flops_per_token": 0}
     )
     router = d_model * s.num_experts
-    fixed_params = router + shared["params"]
-    fixed_flops = 2 * router + shared["flops_per_token"]
+    bias = s.num_experts if s.router_bias else 0
+    fixed_params = router + bias + shared["params"]
+    fixed_flops = 2 * router + bias + shared["flops_per_token"]
     slots = s.slots_per_token
     return {
         "total_params": s.num_experts * expert["params"] + fixed_params,
