@@ -89,24 +89,29 @@ FINEWEB_EDU = dict(
 )
 FINEWEB_EDU_TRAIN_TOKENS = 9_900_000_000  # 10B (the dataset card) x 0.99 (the train split)
 
+# The cpu preset's model, data and schedule (2-core CPU scale), shared with ``init``.
+CPU_RUN = dict(
+    size="small",
+    steps=256,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    seq_len=128,
+    batch_size=16,
+    tokenizer="byte",
+    lr=4e-3,
+    warmup=26,
+    eval_every=64,
+    eval_batches=8,
+)
+
 PRESETS = {
     # size, variants, seeds, steps, overrides
     "cpu": dict(
-        size="small",
+        CPU_RUN,
         variants=CPU_DENSE + list(MOE_PRESETS),
         seeds=5,
         tune="1e-3,2e-3,4e-3,8e-3,1.6e-2",
-        steps=256,
-        d_model=128,
-        n_layers=4,
-        n_heads=4,
-        seq_len=128,
-        batch_size=16,
-        tokenizer="byte",
-        lr=4e-3,
-        warmup=26,
-        eval_every=64,
-        eval_batches=8,
         final_val_batches=16,  # of the validation split's 124 batches, evenly spaced
     ),
     "quick": dict(
@@ -131,21 +136,10 @@ PRESETS = {
     # one shared rate (the middle of the cpu grid), 2 seeds: does the ranking survive
     # unit-variance hidden activations? (~36 runs, ~35 min on the 2-core CPU.)
     "init": dict(
-        size="small",
+        CPU_RUN,
         variants=CPU_DENSE,
         seeds=2,
         axes="model.ffn_init=default,unit_variance",
-        steps=256,
-        d_model=128,
-        n_layers=4,
-        n_heads=4,
-        seq_len=128,
-        batch_size=16,
-        tokenizer="byte",
-        lr=4e-3,
-        warmup=26,
-        eval_every=64,
-        eval_batches=8,
     ),
     "gpu": dict(
         size="gpu",
