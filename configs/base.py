@@ -151,7 +151,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe = m.moe = config_dict.ConfigDict()
     moe.num_experts = 0  # 0 = dense FFN in every layer
     moe.every = 1  # MoE in every N-th layer (the last of each group of N), dense elsewhere
-    moe.router = "topk"  # "topk" (token choice; top_k=1 is Switch) or "expert_choice"
+    # "topk" (token choice, softmax; top_k=1 is Switch), "sigmoid_topk" (token choice,
+    # sigmoid scores normalised over the chosen, DeepSeek-V3) or "expert_choice"
+    moe.router = "topk"
     moe.top_k = 2  # experts per token (token choice)
     moe.renormalize = True  # top_k >= 2: renormalise the selected weights to sum to 1
     moe.dispatch = "capacity"  # "capacity" (drop over capacity) or "dropless"
@@ -164,8 +166,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe.num_shared = 0  # always-on shared experts (DeepSeekMoE)
     moe.jitter = 0.0  # multiplicative router input noise in training, e.g. 0.01
     moe.router_bias = False  # a learned per-expert bias on the router logits
-    moe.lb_loss_coef = 0.01  # Switch load-balancing loss coefficient
-    moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient
+    # Load balancing: "aux" (the Switch loss below), "loss_free" (DeepSeek-V3: a per-expert
+    # bias on the scores for the top-k choice only, moved by balance_rate * sign(mean load -
+    # load) after every training forward pass (each micro-batch), outside the optimiser;
+    # token-choice routers) or "none" (no balancing: lb_loss_coef is unused)
+    moe.balance = "aux"
+    moe.balance_rate = 1e-3  # loss_free: bias step per update (scores are in [0, 1])
+    # Switch load-balancing loss coefficient, used only when balance="aux". The loss is
+    # averaged over MoE layers, so this is Switch's per-layer alpha (0.01 in the paper).
+    moe.lb_loss_coef = 0.01
+    moe.aux_scope = "batch"  # lb loss f_i, P_i over the "batch" or per "sequence" (averaged)
+    moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient (every balance mode)
 
     # ---- data -------------------------------------------------------------------------
     d = c.data = config_dict.ConfigDict()

@@ -35,7 +35,7 @@ from ffn_jax import ffn as ffn_lib
 from ffn_jax import model as model_lib
 from ffn_jax import optim, sharding
 from ffn_jax.moe.routers import ROUTERS
-from ffn_jax.moe.settings import DROPLESS_IMPLS, MoESettings
+from ffn_jax.moe.settings import AUX_SCOPES, BALANCES, DROPLESS_IMPLS, MoESettings
 
 # Fields added after runs were already written: a config without them means these.
 LEGACY_DEFAULTS: dict[str, Any] = {
@@ -46,6 +46,9 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "train.eval_splits": "validation,test",
     "train.final_val_batches": 0,
     "model.moe.router_bias": False,
+    "model.moe.balance": "aux",
+    "model.moe.balance_rate": 1e-3,
+    "model.moe.aux_scope": "batch",
 }
 
 
@@ -382,7 +385,15 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
             f"model.moe.eval_capacity_factor={moe['eval_capacity_factor']} must be >= 0 "
             "(0: evaluate dropless)"
         )
-    for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef"):
+    p += _choice("model.moe.balance", moe["balance"], BALANCES)
+    p += _choice("model.moe.aux_scope", moe["aux_scope"], AUX_SCOPES)
+    if router is not None and moe["balance"] in BALANCES and moe["balance"] not in router.balances:
+        p.append(
+            f"model.moe.balance={moe['balance']!r} does not apply to router={moe['router']!r} "
+            f"(it balances token choice; expert choice is balanced by construction); use "
+            f"one of {list(router.balances)} or a token-choice router"
+        )
+    for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef", "balance_rate"):
         if moe[field] < 0:
             p.append(f"model.moe.{field}={moe[field]} must be >= 0")
     if not isinstance(moe["router_bias"], bool):

@@ -12,14 +12,17 @@ Sharding: under an ambient mesh (``jax.set_mesh``) the routed part runs in one
 ``"batch"`` rule, experts over the axis of the ``"expert"`` rule, everything else replicated
 inside (the shard_map gathers FSDP/tensor-sharded expert weights on entry, so experts are not
 tensor-parallel). The router matmul, jitter and the shared expert run outside, under GSPMD.
-Without a mesh the same per-shard function runs directly, with no collectives.
+Without a mesh the same per-shard function runs directly, with no collectives. The loss-free
+balance bias enters the shard_map replicated; the loads come out psum-ed (replicated), and
+the bias update runs outside it, so every shard sees and computes the same bias.
 
 Modes: ``deterministic=False`` (training, the default) uses ``capacity_factor`` and jitter;
 ``model.eval()`` sets ``deterministic=True`` (no jitter) and ``model.train()`` sets it back,
-exactly like ``nnx.Dropout``. Evaluation is dropless when ``eval_capacity_factor`` is 0 (the
-default) and the router has a dropless path, so a token's score never depends on the other
-sequences of its batch; otherwise it uses ``eval_capacity_factor`` (or, at 0, the training
-``capacity_factor``: expert choice picks tokens per batch, so it always depends on them).
+exactly like ``nnx.Dropout``; the loss-free balance bias is updated in training only.
+Evaluation is dropless when ``eval_capacity_factor`` is 0 (the default) and the router has a
+dropless path, so a token's score never depends on the other sequences of its batch;
+otherwise it uses ``eval_capacity_factor`` (or, at 0, the training ``capacity_factor``:
+expert choice picks tokens per batch, so it always depends on them).
 """
 
 from __future__ import annotations
@@ -37,10 +40,21 @@ from ffn_jax.ffn import FFN, get_variant, hidden_activation, kernel_init
 from ffn_jax.moe.dispatch import NO_MESH, ShardAxes
 from ffn_jax.moe.experts import Weights
 from ffn_jax.moe.routers import ROUTERS, moe_shard
+from ffn_jax.moe.routing import loss_free_update
 from ffn_jax.moe.settings import MoESettings, capacity
 from ffn_jax.sharding import logical_to_spec, param
 
 _EXPERT_NDIM = {"w1": 3, "w3": 3, "w2": 3, "b1": 2, "b3": 2, "b2": 2}  # name -> ndim
+
+
+class BalanceBias(nnx.Variable[jax.Array]):
+    """The loss-free balancing bias ``(E,)`` float32 of one MoE layer (``(groups, E)`` when
+    stacked over scanned layers).
+
+    Model state but not a parameter: ``nnx.Optimizer(..., wrt=nnx.Param)`` never sees it
+    (no gradient, no AdamW moments, no weight decay), ``count_params`` does not count it,
+    and checkpoints save it with the rest of the model state. ``MoEFFN`` updates it in
+    training (``ffn_jax.moe.routing.loss_free_update``); it is replicated on every device."""
 
 
 def _expert_init(scale: float = 1.0):
@@ -87,15 +101,33 @@ def run_routed(
     act,
     capacity_factor: float,
     dropout_key: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    bias_e: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without a
     mesh or on a one-device mesh (where the backward of ``shard_map`` would only copy the
-    replicated expert weights through a ``psum``). ``dropout_key``: raw ``uint32`` key data
-    of the experts' hidden dropout (None = none), passed replicated into the shard_map."""
-    fn = functools.partial(moe_shard, s=s, act=act, capacity_factor=capacity_factor)
+    replicated expert weights through a ``psum``). Returns ``(y, aux, load_e)``.
+    ``dropout_key``: raw ``uint32`` key data of the experts' hidden dropout (None = none);
+    ``bias_e (E,)``: the loss-free balance bias (None = none); both passed replicated into
+    the shard_map. ``aux`` and ``load_e`` come out replicated (psum-ed inside)."""
+    extras = {"dropout_key": dropout_key, "bias_e": bias_e}
+    extras = {name: value for name, value in extras.items() if value is not None}
+
+    def fn(x, lg, w, extras: dict[str, jax.Array], axes: ShardAxes):
+        return moe_shard(
+            x,
+            lg,
+            w,
+            s=s,
+            act=act,
+            capacity_factor=capacity_factor,
+            axes=axes,
+            dropout_key=extras.get("dropout_key"),
+            bias_e=extras.get("bias_e"),
+        )
+
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return fn(x_bld, logits_ble, w, axes=NO_MESH, dropout_key=dropout_key)
+        return fn(x_bld, logits_ble, w, extras, NO_MESH)
     axes = shard_axes(s.num_experts)
     shards = math.prod(mesh.shape[a] for a in axes.batch)
     if x_bld.shape[0] % shards:
@@ -105,21 +137,13 @@ def run_routed(
         )
     tokens = P(axes.batch or None, None, None)
     w_specs = {name: P(axes.expert, *(None,) * (_EXPERT_NDIM[name] - 1)) for name in w}
-    if dropout_key is None:
-        sharded = jax.shard_map(
-            functools.partial(fn, axes=axes),
-            in_specs=(tokens, tokens, w_specs),
-            out_specs=(tokens, P()),
-            check_vma=True,
-        )
-        return sharded(x_bld, logits_ble, w)
-    sharded_drop = jax.shard_map(
-        lambda x, lg, w, key: fn(x, lg, w, axes=axes, dropout_key=key),
+    sharded = jax.shard_map(
+        functools.partial(fn, axes=axes),
         in_specs=(tokens, tokens, w_specs, P()),
-        out_specs=(tokens, P()),
+        out_specs=(tokens, P(), P()),
         check_vma=True,
     )
-    return sharded_drop(x_bld, logits_ble, w, dropout_key)
+    return sharded(x_bld, logits_ble, w, extras)
 
 
 class MoEFFN(nnx.Module):
@@ -127,7 +151,12 @@ class MoEFFN(nnx.Module):
 
     ``settings`` are the resolved MoE settings (``ModelSpec.moe``; expert width, E and k
     already include the granularity). ``aux`` (fixed keys, see ``ffn_jax.moe.routing``):
-    ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``dropped_fraction``, ``router_entropy``.
+    ``lb_loss``, ``z_loss``, ``expert_fraction (E,)``, ``max_violation``, ``dropped_fraction``,
+    ``router_entropy``, ``router_logit_rms``.
+    With ``settings.balance == "loss_free"`` the layer holds ``balance_bias``, a
+    :class:`BalanceBias` ``(E,)`` added to the scores for the top-k selection only; each
+    training call (never evaluation) moves it by the rule of
+    ``ffn_jax.moe.routing.loss_free_update`` from the call's global loads, after routing.
     ``router_bias`` None (the default) takes ``settings.router_bias``. In training the
     experts (and the shared expert) apply ``settings.dropout`` to their hidden activations,
     as the dense FFN does; evaluation is deterministic.
@@ -192,6 +221,9 @@ class MoEFFN(nnx.Module):
             else None
         )
         self.rngs = rngs["dropout"].fork() if s.jitter > 0 or s.dropout > 0 else None
+        self.balance_bias = (
+            BalanceBias(jnp.zeros((e,), jnp.float32)) if s.balance == "loss_free" else None
+        )
         # True: aux also holds the router's assignments (see ``LM.capture``).
         self.capture = False
 
@@ -226,7 +258,8 @@ class MoEFFN(nnx.Module):
         dropout_key = None
         if self.rngs is not None and s.dropout > 0 and not self.deterministic:
             dropout_key = jax.random.key_data(self.rngs())
-        y, aux = run_routed(
+        bias_e = None if self.balance_bias is None else self.balance_bias[...]
+        y, aux, load_e = run_routed(
             x_btd.astype(self.dtype),
             logits,
             self.expert_weights(),
@@ -234,7 +267,11 @@ class MoEFFN(nnx.Module):
             act=self.activation,
             capacity_factor=cf,
             dropout_key=dropout_key,
+            bias_e=bias_e,
         )
+        if self.balance_bias is not None and bias_e is not None and not self.deterministic:
+            # After routing, from the global (psum-ed, replicated) loads: every shard agrees.
+            self.balance_bias[...] = loss_free_update(bias_e, load_e, s.balance_rate)
         if self.shared is not None:
             shared = self.shared(x_btd)
             assert not isinstance(shared, tuple)  # capture is set on blocks' FFNs only
@@ -242,6 +279,6 @@ class MoEFFN(nnx.Module):
         if self.capture:  # the flat token -> expert assignments of these logits
             logits_te = logits.reshape(-1, s.num_experts)
             cap = capacity(cf, s.top_k, logits_te.shape[0], s.num_experts)
-            expert_a, token_a = ROUTERS[s.router].assign(logits_te, s, cap)
+            expert_a, token_a = ROUTERS[s.router].assign(logits_te, s, cap, bias_e)
             aux = {**aux, "capture/expert": expert_a, "capture/token": token_a}
         return y, aux

@@ -16,6 +16,11 @@ Conventions (also stated in ``configs/base.py``):
   With ``k`` in the formula a factor of 1.0 has exactly enough slots at perfect balance; the
   clamp to ``tokens_per_group`` is free (no expert can receive a token twice), so a large
   factor means "no drops". Expert choice uses the same formula for its per-expert picks.
+* **Balancing** (``balance``, see ``ffn_jax.moe.routing``): ``aux`` (the Switch loss,
+  weighted by ``lb_loss_coef``), ``loss_free`` (a per-expert selection bias moved by
+  ``balance_rate`` after every training forward pass; no load-balance loss) or ``none``.
+  ``aux_scope`` says over what the load-balance loss's ``f_i`` and ``P_i`` are taken: the
+  whole batch (Switch) or each sequence (DeepSeek-V3's sequence-wise loss), averaged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 from ffn_jax.ffn import ffn_cost
 
 DROPLESS_IMPLS = ("ragged", "loop")
+BALANCES = ("aux", "loss_free", "none")  # model.moe.balance
+AUX_SCOPES = ("batch", "sequence")  # model.moe.aux_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,9 @@ class MoESettings:
     z_loss_coef: float = 0.0
     router_bias: bool = False  # a learned (E,) bias added to the router logits
     dropout: float = 0.0  # hidden dropout inside the experts (``model.dropout``), training only
+    balance: str = "aux"  # one of BALANCES
+    balance_rate: float = 1e-3  # loss_free: the bias step per training forward pass
+    aux_scope: str = "batch"  # one of AUX_SCOPES: f_i, P_i of lb_loss per batch or sequence
 
     @classmethod
     def from_block(cls, moe: Mapping[str, Any], d_ff: int, dropout: float = 0.0) -> MoESettings:
@@ -80,6 +90,9 @@ class MoESettings:
             z_loss_coef=float(moe["z_loss_coef"]),
             router_bias=bool(moe.get("router_bias", False)),
             dropout=float(dropout),
+            balance=str(moe.get("balance", "aux")),
+            balance_rate=float(moe.get("balance_rate", 1e-3)),
+            aux_scope=str(moe.get("aux_scope", "batch")),
         )
 
     @property
