@@ -225,6 +225,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.keep_checkpoints = 2  # checkpoints kept
     t.resume = True  # resume from the workdir's checkpoint; False refuses an existing run
     t.profile_steps = ""  # "start:stop" writes a jax.profiler trace of those steps
+    # MoE: warn (and log moe/collapse = 1) when a layer's most loaded expert takes over half
+    # of its tokens for this many log windows in a row (0 = no alarm; ffn_jax/moe/health.py)
+    t.collapse_windows = 3
 
     # ---- mesh -------------------------------------------------------------------------
     mesh = c.mesh = config_dict.ConfigDict()

@@ -30,6 +30,25 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def tensorboard_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """What TensorBoard gets of a metrics row: its numbers, and each flat list of numbers (a
+    per-layer MoE metric, ``moe/<name>``) as one scalar per layer, ``moe/<name>/layer_<i>``;
+    nested lists (``moe/expert_fraction``), strings and dicts are left to the JSONL file."""
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        if k == "step":
+            continue
+        if isinstance(v, int | float):
+            out[k] = v
+        elif (
+            k.startswith("moe/")
+            and isinstance(v, list)
+            and all(isinstance(x, int | float) for x in v)
+        ):
+            out.update({f"{k}/layer_{i}": x for i, x in enumerate(v)})
+    return out
+
+
 class TensorBoardScalars:
     """Scalars to a TensorBoard event file in ``logdir``, written in the calling thread.
 
@@ -83,16 +102,15 @@ class MetricWriter:
             self._tb = TensorBoardScalars(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
-        """Log ``metrics`` at ``step``: scalars to TensorBoard, everything to the JSONL file."""
+        """Log ``metrics`` at ``step``: everything to the JSONL file, the scalars and per-layer
+        lists to TensorBoard (``tensorboard_scalars``)."""
         if self._file is None or self._tb is None:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         try:
             self._file.write(json.dumps(row) + "\n")  # one write a row: whole lines or a torn tail
             self._file.flush()
-            self._tb.write(
-                step, {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
-            )
+            self._tb.write(step, tensorboard_scalars(row))
         except OSError as e:
             raise OSError(e.errno, f"{e.strerror} (writing the run's metrics)", self.path) from e
 

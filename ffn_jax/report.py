@@ -37,12 +37,14 @@ from flax import nnx
 from ffn_jax import stats
 from ffn_jax.flops import flops_per_token
 from ffn_jax.metrics import read_metrics
+from ffn_jax.moe.health import summarise_run
 from ffn_jax.report_plots import write_plots
 from ffn_jax.report_sections import (
     TIMING_KEYS,
     baseline_section,
     beats,
     ranking_section,
+    router_health_section,
     scaling_fits,
     scaling_section,
     timing_line,
@@ -112,6 +114,16 @@ def _throughput(rows: list[dict]) -> dict:
 
 # ---- the columns ------------------------------------------------------------------------
 
+HEALTH_KEYS = (
+    "max_violation_final",
+    "max_violation_final_worst",
+    "max_violation_layers_final",
+    "max_violation_train_mean",
+    "dead_experts_final",
+    "collapse_alarm",
+    "router_logit_rms_final",
+)
+
 
 def _pm(key: str, digits: int) -> Callable[[dict], str]:
     return lambda r: f"{r[f'{key}_mean']:.{digits}f} ± {r[f'{key}_std']:.{digits}f}"
@@ -146,7 +158,9 @@ def _marks(r: dict) -> str:
 class Column:
     """One report column: ``key`` in the run record; ``agg`` how runs of a group combine
     (``"first"``: equal across seeds, ``"seeds"``: mean and sample std -> ``key_mean`` /
-    ``key_std``, ``"mean"``: mean of the runs that have it, ``"min"``: the smallest,
+    ``key_std``, ``"mean"``: mean of the runs that have it, ``"present"``: that mean (of
+    numbers, or per element of lists) with its sample std -> ``key_std`` and the number of
+    runs that have it -> ``key_n``, ``"min"``: the smallest,
     ``"paired"``: the contrast against the row's reference, filled in by ``contrasts``);
     ``header``/``cell`` its markdown column (None: CSV only)."""
 
@@ -189,9 +203,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("mde", "paired"),
     Column("test_loss_ci_halfwidth", "mean"),  # per-run bootstrap over blocks, mean of runs
     Column("beats", "first", "beats (test bits/byte)", lambda r: r["beats"]),
-    Column("drop_fraction", "mean", "drops (train)", lambda r: _opt("{:.2%}")(r["drop_fraction"])),
+    Column(
+        "drop_fraction", "present", "drops (train)", lambda r: _opt("{:.2%}")(r["drop_fraction"])
+    ),
     Column("tokens_per_s", "mean", "tokens/s", lambda r: _opt("{:,.0f}")(r["tokens_per_s"])),
     Column("train_time_s", "mean", "time (s)", lambda r: _opt("{:.0f}")(r["train_time_s"])),
+    # Router health (ffn_jax.moe.health.summarise_run; the report's router-health section).
+    *(Column(k, "present") for k in HEALTH_KEYS),
 )
 # Markdown cells of the per-seed metrics, placed after the epochs column (± = SD over seeds).
 METRIC_CELLS = (
@@ -278,6 +296,7 @@ def collect(
             "flops_per_token": flops_per_token(m, spec.data.seq_len)["train"],
             **param_counts(m),
             **_throughput(rows),
+            **summarise_run(rows),
             "curve": _curve(rows),
         }
         for split in SPLITS:
@@ -343,6 +362,8 @@ def aggregate(records: list[dict], tuned: str = "") -> list[dict]:
                 vals = [r[col.key] for r in runs if r[col.key] is not None]
                 vals = [v for v in vals if not math.isnan(v)]
                 row[col.key] = float(np.mean(vals)) if vals else None
+            elif col.agg == "present":
+                row.update(_present(col.key, runs))
         row["label"] = label
         row["beats"] = ""
         row["per_seed"] = {
@@ -351,6 +372,19 @@ def aggregate(records: list[dict], tuned: str = "") -> list[dict]:
         rows.append(row)
     contrasts(rows)
     return rows
+
+
+def _present(key: str, runs: list[dict]) -> dict[str, Any]:
+    """The ``"present"`` aggregate of ``key`` over ``runs``: ``key`` (mean), ``key_std``
+    (sample SD, 0 for one run) and ``key_n`` over the runs that have a value (not None or
+    nan); lists (per-layer values) element-wise; None where no run has one."""
+    vals = [r.get(key) for r in runs]
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {key: None, f"{key}_std": None, f"{key}_n": 0}
+    a = np.asarray(vals, dtype=np.float64)
+    sd = a.std(axis=0, ddof=1) if len(vals) > 1 else np.zeros_like(a[0])
+    return {key: a.mean(axis=0).tolist(), f"{key}_std": sd.tolist(), f"{key}_n": len(vals)}
 
 
 def reference_of(row: dict) -> str:
@@ -585,6 +619,9 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
             "variation is what the Δ intervals above carry.",
             "",
         ]
+    health = router_health_section(rows)
+    if health:
+        text += [health, ""]
     text += [baseline_section(base, rows), ""]
     if tuning:
         text += [tuning_section(tuning, rows), ""]

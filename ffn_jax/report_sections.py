@@ -1,5 +1,6 @@
-"""The report's sections beyond the main table: n-gram calibration, the tuning stage,
-loss-vs-compute fits over model sizes, rankings across an axis, and the sweep's wall time.
+"""The report's sections beyond the main table: router health of the MoE rows, n-gram
+calibration, the tuning stage, loss-vs-compute fits over model sizes, rankings across an
+axis, and the sweep's wall time.
 
 Each takes the aggregated rows (``ffn_jax.report.aggregate``) or the sweep's files and
 returns markdown.
@@ -27,6 +28,67 @@ def beats(row: dict, base: dict) -> str:
         n for n, b in base.items() if row["test_bits_per_byte_mean"] < b["test"]["bits_per_byte"]
     ]
     return beaten[-1] if beaten else "none"
+
+
+def _pm_cell(row: dict, key: str, fmt: str) -> str:
+    """``mean ± SD`` of a ``"present"`` aggregate (``—`` where no run logged it)."""
+    if row.get(key) is None:
+        return "—"
+    return f"{fmt.format(row[key])} ± {fmt.format(row[f'{key}_std'])}"
+
+
+def _collapse_cell(row: dict) -> str:
+    n = row.get("collapse_alarm_n", 0)
+    return f"{round(row['collapse_alarm'] * n)} of {n}" if n else "—"
+
+
+HEALTH_CELLS = (  # (header, cell) of the router-health table
+    ("MaxVio end (mean of layers)", lambda r: _pm_cell(r, "max_violation_final", "{:.3f}")),
+    ("MaxVio end (worst layer)", lambda r: _pm_cell(r, "max_violation_final_worst", "{:.3f}")),
+    ("MaxVio over training", lambda r: _pm_cell(r, "max_violation_train_mean", "{:.3f}")),
+    ("dead experts end", lambda r: _pm_cell(r, "dead_experts_final", "{:.1f}")),
+    ("collapse alarms (runs)", _collapse_cell),
+    ("drops (train)", lambda r: _pm_cell(r, "drop_fraction", "{:.2%}")),
+    ("router logit RMS end", lambda r: _pm_cell(r, "router_logit_rms_final", "{:.3f}")),
+)
+
+
+def router_health_section(rows: list[dict]) -> str:
+    """Router health of the MoE rows (``ffn_jax.moe.health``), mean ± SD over seeds, and the
+    per-layer MaxVio at the end of training; "" when the sweep has no MoE rows."""
+    moe = [r for r in rows if r["moe"]]
+    if not moe:
+        return ""
+    lines = [
+        "## Router health (MoE rows)",
+        "",
+        "MaxVio (Wang et al. 2024): a layer's max expert load / mean load − 1 over a step's "
+        "assignments before capacity drops (0 = perfect balance, E − 1 = all on one expert); "
+        "end: the last log window, over training: averaged over every log window. Dead "
+        "experts: no assignment in the last log window, summed over layers. Collapse alarms: "
+        "runs in which a layer's most loaded expert took over half its tokens for "
+        "`train.collapse_windows` log windows in a row. Drops: as in the main table. Router "
+        "logit RMS: at the end, mean over layers. mean ± SD over seeds; — = not logged (dense, "
+        "or runs older than the metric).",
+        "",
+        "| variant | " + " | ".join(h for h, _ in HEALTH_CELLS) + " |",
+        "|---|" + "---|" * len(HEALTH_CELLS),
+    ]
+    lines += [f"| {r['label']} | " + " | ".join(c(r) for _, c in HEALTH_CELLS) + " |" for r in moe]
+    layers = max((len(r.get("max_violation_layers_final") or []) for r in moe), default=0)
+    if layers:
+        lines += [
+            "",
+            "MaxVio per MoE layer at the end of training (mean over seeds):",
+            "",
+            "| variant | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+            "|---|" + "---|" * layers,
+        ]
+        for r in moe:
+            per = r.get("max_violation_layers_final") or []
+            cells = [f"{v:.3f}" for v in per] + ["—"] * (layers - len(per))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def baseline_section(base: dict, rows: list[dict]) -> str:

@@ -45,6 +45,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.ffn_init": "default",
     "train.eval_splits": "validation,test",
     "train.final_val_batches": 0,
+    "train.collapse_windows": 0,  # no collapse alarm before it existed
     "model.moe.router_bias": False,
     "model.moe.balance": "aux",
     "model.moe.balance_rate": 1e-3,
@@ -155,6 +156,7 @@ class TrainSpec:
     keep_checkpoints: int = _field(resumable=True)
     resume: bool = _field(resumable=True)
     profile_steps: str = _field(resumable=True)
+    collapse_windows: int = _field(resumable=True)  # MoE collapse alarm (ffn_jax.moe.health)
 
     @property
     def final_splits(self) -> tuple[str, ...]:
@@ -447,6 +449,11 @@ def _train_problems(t: Mapping[str, Any], batch_size: int) -> list[str]:
         p.append(
             f"train.eval_splits={t['eval_splits']!r} must list 'validation' and/or 'test', "
             "e.g. 'validation,test'"
+        )
+    if t["collapse_windows"] < 0:
+        p.append(
+            f"train.collapse_windows={t['collapse_windows']} must be >= 0 (log windows in a row "
+            "before the MoE collapse alarm; 0 = off), e.g. 3"
         )
     steps = t["profile_steps"]
     m = re.fullmatch(r"(\d+):(\d+)", steps) if steps else None

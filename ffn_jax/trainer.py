@@ -30,6 +30,7 @@ from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
 from ffn_jax.flops import flops_per_token, peak_flops
 from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import lm_loss
+from ffn_jax.moe import health
 from ffn_jax.optim import make_schedule
 from ffn_jax.run import (
     RunState,
@@ -231,6 +232,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     # Per-step metrics since the last log row, carried over a resume (checkpoint meta) so
     # that the first row after it averages the same steps as an uninterrupted run's.
     window: list = []
+    alarm = health.CollapseAlarm(t.collapse_windows)  # its counts are carried likewise
     try:
         restored = ckpt.restore(state, train_iter) if t.resume else None
     except BaseException:
@@ -244,6 +246,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         window = [
             {k: np.asarray(v, dtype=dt) for k, (dt, v) in r.items()} for r in meta.get("window", [])
         ]
+        alarm.runs = list(meta.get("collapse_runs", []))
         log.info("resumed %s from step %d", workdir, step)
     carried = len(window)  # of them, the steps not timed in this process
     first_step, signalled = step, None
@@ -321,6 +324,9 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                 if due_log:
                     dt = time.perf_counter() - t_window - paused_s
                     row = _summarise(host)
+                    if spec.model.moe is not None and "moe/expert_fraction" in row:
+                        k = spec.model.moe.top_k
+                        row.update(health.health_row(row["moe/expert_fraction"], k, alarm, step))
                     timed = len(window) - carried  # steps run (and timed) in this window
                     tps = tokens_per_step * timed / dt
                     row.update(
@@ -388,6 +394,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                             }
                             for r in (host if window else [])
                         ],
+                        "collapse_runs": list(alarm.runs),  # after this step's log row
                     }
                     ckpt.save(step, state, meta, train_iter, force=last or preempted)
                     timing.checkpoint_s += time.perf_counter() - t_ckpt
