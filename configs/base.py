@@ -177,6 +177,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe.lb_loss_coef = 0.01
     moe.aux_scope = "batch"  # lb loss f_i, P_i over the "batch" or per "sequence" (averaged)
     moe.z_loss_coef = 1e-3  # ST-MoE router z-loss coefficient (every balance mode)
+    # Which experts a token takes: "learned" (the router's scores) or, for benchmarking the
+    # dispatch, "balanced" (token i -> experts i*k .. i*k+k-1 mod E: perfectly even loads)
+    # or "random" (k distinct experts uniformly at random per token and step); the forced
+    # choices are still weighted by the router's scores. Token-choice routers only.
+    moe.routing = "learned"
 
     # ---- data -------------------------------------------------------------------------
     d = c.data = config_dict.ConfigDict()

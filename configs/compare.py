@@ -16,6 +16,9 @@ Presets:
   quick  3 variants, a 3-point rate grid, 2 seeds: a few minutes on a CPU (smoke run)
   init   the cpu dense variants at both ``model.ffn_init`` values (default, unit_variance),
          one shared rate, 2 seeds: whether the ranking survives unit-variance activations
+  moe    routers and load balancing at the cpu shape (``moe_fine``'s experts): softmax or
+         sigmoid scores x aux-loss, loss-free or no balancing, plus expert choice; 4 seeds
+         at one rate, contrasts against ``softmax_aux``; router health in the report
   gpu    82M-parameter models (GPT-2-small width, 8 layers), bf16, for one GPU
   pod    336M-parameter models (d_model 1024, 24 layers) for a TPU/GPU pod slice (FSDP
          over the data axis)
@@ -51,7 +54,10 @@ MoE presets are matched in *active* parameters and FLOPs per token to the dense 
 ``moe_top1`` routes each token to 1 of 8 experts of full width (Switch), ``moe_fine`` to
 2 of 16 half-width experts (fine-grained, granularity 2); total parameters are reported.
 ``original`` (add it with ``--config.sweep.variants=...,original``) is the 2017 block:
-post-norm LayerNorm, ReLU with biases, dropout 0.1, learned positions.
+post-norm LayerNorm, ReLU with biases, dropout 0.1, learned positions; ``original_moe`` the
+same block with the reference MoE FFN (8 half-width GELU experts with biases, top-2, a
+router bias, dropless, dropout 0.1 in the experts), to set beside a dense ``gelu`` row
+(``--config.sweep.presets.original.ffn=gelu``).
 """
 
 from __future__ import annotations
@@ -72,6 +78,23 @@ MOE_PRESETS = {
     # Fine-grained: 8 experts split in 2 -> 16 half-width experts, top-1 x 2 = top-2.
     "moe_fine": dict(ffn="swiglu", num_experts=8, top_k=1, granularity=2),
 }
+
+# The ``moe`` preset's arms: ``moe_fine``'s shape (16 half-width SwiGLU experts, top-2:
+# the dense SwiGLU's active parameters and FLOPs) with each router and balancing mode.
+MOE_FINE = MOE_PRESETS["moe_fine"]
+MOE_ARMS = {
+    f"{score}_{balance}": dict(
+        MOE_FINE, router=router, balance=balance.replace("lossfree", "loss_free")
+    )
+    for score, router in (("softmax", "topk"), ("sigmoid", "sigmoid_topk"))
+    for balance in ("aux", "lossfree", "none")
+}
+# Expert choice (non-causal in a decoder: a token's experts depend on later tokens),
+# balanced by construction, so no balancing term; capacity factor 1: on average k experts
+# per token, the token-choice arms' active FLOPs.
+MOE_ARMS["expert_choice"] = dict(
+    MOE_FINE, router="expert_choice", balance="none", capacity_factor=1.0
+)
 
 # The gpu and pod presets' corpus: FineWeb-Edu's ``sample-10BT`` config, streamed by name.
 # The dataset card gives it as "around 10B GPT-2 tokens". 0.5% of the documents each go to
@@ -131,6 +154,16 @@ PRESETS = {
         eval_every=20,
         eval_batches=4,
         final_val_batches=16,
+    ),
+    # Routers and balancing at the cpu shape: softmax vs sigmoid scores x aux-loss vs
+    # loss-free vs no balancing, and expert choice; every arm at moe_fine's tuned rate
+    # (4e-3 in docs/results/tuning.json), 4 seeds, paired against softmax_aux.
+    "moe": dict(
+        CPU_RUN,
+        variants=list(MOE_ARMS),
+        seeds=4,
+        final_val_batches=16,
+        reference="softmax_aux",
     ),
     # Parameterisation check: every cpu dense variant at both FFN inits (model.ffn_init),
     # one shared rate (the middle of the cpu grid), 2 seeds: does the ranking survive
@@ -211,7 +244,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     t.checkpoint_every = p["steps"] // 2
     if preset == "pod":
         c.mesh.shape.data, c.mesh.shape.fsdp = 1, -1
-    if preset in ("cpu", "quick", "init"):
+    if preset in ("cpu", "quick", "init", "moe"):
         # MoE evaluation is dropless; on CPU the scan over expert tiles is 3-5x faster than
         # jax.lax.ragged_dot (measured: 88-117 vs 315-560 ms per eval batch at the cpu shape).
         c.model.moe.dropless_impl = "loop"
@@ -223,6 +256,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     s.variants = ",".join(p["variants"])  # comma-separated; override to run a subset
     s.seeds = p["seeds"]  # seeds 0 .. n-1 (init and data order)
     s.axes = p.get("axes", "")  # grid over any fields, e.g. "train.lr=1e-3,3e-3" (';' between axes)
+    s.reference = p.get("reference", "")  # the variant the report's contrasts are against
     # Tuning stage: each variant trains at every value of the grid (tune.seeds seeds);
     # the value of least validation loss is its own for the final stage (sweep.seeds seeds,
     # reusing the tuning runs of its value). field="" turns the stage off.
@@ -237,6 +271,21 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         {
             **MOE_PRESETS,
             "original": dict(ffn="relu", max_seq_len=p["seq_len"], **base.PRESETS["original"]),
+            # The 2017 block with the reference MoE FFN: 8 exact-GELU experts with biases
+            # (half width: the dense GELU's active parameters), top-2 renormalised (softmax
+            # over the two chosen), a router bias, no drops, the block's dropout in the
+            # experts too.
+            "original_moe": dict(
+                ffn="gelu",
+                max_seq_len=p["seq_len"],
+                **base.PRESETS["original"],
+                num_experts=4,
+                granularity=2,
+                top_k=1,
+                router_bias=True,
+                dispatch="dropless",
+            ),
+            **MOE_ARMS,
         }
     )
     if "train_tokens" in p:  # gpu, pod: the streamed corpus's training split, declared

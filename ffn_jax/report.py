@@ -336,9 +336,10 @@ def _axes_key(group: dict, tuned: str = "") -> tuple:
     return tuple(sorted((k, v) for k, v in group.items() if k not in ("variant", "seed", tuned)))
 
 
-def aggregate(records: list[dict], tuned: str = "") -> list[dict]:
+def aggregate(records: list[dict], tuned: str = "", reference: str = "") -> list[dict]:
     """One row per cell (in first-seen order), derived from ``COLUMNS``: mean/SD over seeds
-    and the contrasts against each row's reference (``contrasts``)."""
+    and the contrasts against each row's reference (``contrasts``; ``reference``: the
+    sweep's ``sweep.reference``, "" = the default rule of ``reference_of``)."""
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_label[r["label"]].append(r)
@@ -370,7 +371,7 @@ def aggregate(records: list[dict], tuned: str = "") -> list[dict]:
             r["seed"]: r["test_loss"] for r in runs if r["step"] >= r["target_steps"]
         }
         rows.append(row)
-    contrasts(rows)
+    contrasts(rows, reference)
     return rows
 
 
@@ -387,22 +388,25 @@ def _present(key: str, runs: list[dict]) -> dict[str, Any]:
     return {key: a.mean(axis=0).tolist(), f"{key}_std": sd.tolist(), f"{key}_n": len(vals)}
 
 
-def reference_of(row: dict) -> str:
-    """The variant a row is compared with: ``relu`` for dense rows; for MoE rows the dense
-    variant of their experts' FFN (the parameter-matched dense model, ``swiglu`` here)."""
+def reference_of(row: dict, reference: str = "") -> str:
+    """The variant a row is compared with: the sweep's ``reference`` when set (e.g. the
+    aux-loss router of the ``moe`` preset); else ``relu`` for dense rows and, for MoE rows,
+    the dense variant of their experts' FFN (the parameter-matched dense model)."""
+    if reference:
+        return reference
     return row["ffn"] if row["moe"] else BASELINE
 
 
-def contrasts(rows: list[dict]) -> None:
+def contrasts(rows: list[dict], reference: str = "") -> None:
     """Fill each row's ``"paired"`` columns: the paired (same seed) difference of test loss
     from its reference at the same axis values, a 95% t interval, the raw p and the
     Holm-adjusted p over the family of every row's contrast, and the smallest effect the
     test detects with 80% power (from the observed SD of the differences)."""
-    dense = {(r["base_variant"], r["axes"]): r for r in rows if not r["moe"]}
+    by_name = {(r["base_variant"], r["axes"]): r for r in rows}
     family = []
     for row in rows:
-        ref_name = reference_of(row)
-        ref = dense.get((ref_name, row["axes"]))
+        ref_name = reference_of(row, reference)
+        ref = by_name.get((ref_name, row["axes"]))
         row["reference"] = ref_name
         nan = math.nan
         row.update(d_test_loss=nan, d_test_loss_lo=nan, d_test_loss_hi=nan, p_raw=nan, mde=nan)
@@ -532,6 +536,15 @@ def _split_runs(run_dirs: list[str], tuning: dict) -> tuple[list[str], list[str]
     return final, tune_only, diverged
 
 
+def sweep_reference(sweep_dir: str) -> str:
+    """The sweep config's ``sweep.reference`` ("" when unset or without ``sweep.json``)."""
+    from ffn_jax.sweep import SWEEP_FILE
+
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    config = read_json(path) if os.path.exists(path) else {}
+    return str(config.get("sweep", {}).get("reference", ""))
+
+
 def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     """Evaluate the runs, write results.md / results.csv / runs.csv and the plots; returns
     the table."""
@@ -549,7 +562,8 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     tune_records = collect(
         tune_only, tuned, train_tokens, splits={d: ("validation",) for d in tune_only}
     )
-    rows = aggregate(records, tuned)
+    reference = sweep_reference(sweep_dir)
+    rows = aggregate(records, tuned, reference)
     base = baselines(prep)
     for r in rows:
         r["beats"] = beats(r, base)
@@ -578,8 +592,9 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
         "",
         "**Statistics.** val/test loss and bits/byte: mean ± SD over seeds (± is a standard "
         f"deviation, not an error); {scored_line(records)}. Δ: paired (same seed = same data "
-        "order and init) difference of test loss from the row's reference (relu for dense "
-        "rows, the dense variant of its experts for MoE rows) with its 95% t interval over "
+        "order and init) difference of test loss from the row's reference ("
+        + (reference or "relu for dense rows, the dense variant of its experts for MoE rows")
+        + ") with its 95% t interval over "
         f"seeds; Holm p: two-sided paired t-test p, Holm-adjusted over the {n_family} "
         f"contrasts of the table (sig. = family-wise error ≤ {ALPHA:g}). "
         + (

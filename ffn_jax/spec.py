@@ -35,7 +35,13 @@ from ffn_jax import ffn as ffn_lib
 from ffn_jax import model as model_lib
 from ffn_jax import optim, sharding
 from ffn_jax.moe.routers import ROUTERS
-from ffn_jax.moe.settings import AUX_SCOPES, BALANCES, DROPLESS_IMPLS, MoESettings
+from ffn_jax.moe.settings import (
+    AUX_SCOPES,
+    BALANCES,
+    DROPLESS_IMPLS,
+    ROUTING_MODES,
+    MoESettings,
+)
 
 # Fields added after runs were already written: a config without them means these.
 LEGACY_DEFAULTS: dict[str, Any] = {
@@ -50,6 +56,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.moe.balance": "aux",
     "model.moe.balance_rate": 1e-3,
     "model.moe.aux_scope": "batch",
+    "model.moe.routing": "learned",
 }
 
 
@@ -395,6 +402,19 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
             f"(it balances token choice; expert choice is balanced by construction); use "
             f"one of {list(router.balances)} or a token-choice router"
         )
+    p += _choice("model.moe.routing", moe["routing"], ROUTING_MODES)
+    if router is not None and moe["routing"] in ROUTING_MODES:
+        if moe["routing"] not in router.routings:
+            p.append(
+                f"model.moe.routing={moe['routing']!r} does not apply to "
+                f"router={moe['router']!r} (it forces token choice); use 'learned' or a "
+                "token-choice router"
+            )
+        elif moe["routing"] != "learned" and moe["balance"] == "loss_free":
+            p.append(
+                f"model.moe.routing={moe['routing']!r} forces the selection the loss-free "
+                "bias would steer; use model.moe.balance='aux' or 'none' with it"
+            )
     for field in ("num_shared", "jitter", "lb_loss_coef", "z_loss_coef", "balance_rate"):
         if moe[field] < 0:
             p.append(f"model.moe.{field}={moe[field]} must be >= 0")

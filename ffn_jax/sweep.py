@@ -15,6 +15,8 @@ A sweep config is a base config plus a ``sweep`` block:
                      = none), ``grid`` (its values), ``factor`` (its step, to extend past an
                      edge), ``max_extend``, ``seeds`` (per grid point); selection on
                      validation loss, then every variant trains at its own value
+    sweep.reference  optional: the variant every row's paired contrast is against in the
+                     report ("" = relu for dense rows, the experts' dense FFN for MoE rows)
 
 Every run is ``(name, group, overrides)``: ``group`` holds its keys (``variant``, one per
 axis, e.g. ``train.lr``, and ``seed``), stored in the run's ``config.json`` so the report
@@ -89,6 +91,12 @@ def variant_names(config: ConfigDict) -> list[str]:
         raise ConfigError("sweep.variants is empty; list at least one variant")
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep.variants={sweep.variants!r} lists a variant twice")
+    reference = str(sweep.get("reference", ""))
+    if reference and reference not in names:
+        raise ConfigError(
+            f"sweep.reference={reference!r} is not in sweep.variants; name one of "
+            f"{', '.join(names)} or leave it empty (relu / the experts' dense FFN)"
+        )
     return names
 
 

@@ -95,3 +95,39 @@ def test_original_block_is_a_compare_row():
 @pytest.mark.parametrize("arg", ["original", "original,size=tiny", "gelu,preset=original"])
 def test_original_base_preset_builds(arg):
     _builds(base.get_config(arg))
+
+
+def test_original_moe_row_has_expert_dropout_and_a_router_bias():
+    """The 2017 block's MoE row is configured like the reference MoE FFN: dropout in its
+    experts (the block's 0.1), a router bias (counted), biased GELU experts, dropless, and
+    the dense GELU's active parameters."""
+    from ffn_jax.report import param_counts
+
+    c = compare.get_config("cpu")
+    c.sweep.variants, c.sweep.tune.field = "original,original_moe", ""
+    c.sweep.presets.original.ffn = "gelu"
+    runs = dict(run_configs(c))
+    spec = run_spec(runs["original_moe-s0"], num_devices=8).model
+    s = spec.moe
+    assert s is not None
+    assert (s.dropout, s.router_bias, s.dispatch) == (0.1, True, "dropless")
+    assert (s.num_experts, s.top_k, s.renormalize) == (8, 2, True)
+    model = nnx.eval_shape(lambda: LM(spec, rngs=nnx.Rngs(0)))
+    moe = next(m for _, m in model.iter_modules() if type(m).__name__ == "MoEFFN")
+    assert moe.router_bias is not None and moe.b1 is not None and moe.b2 is not None
+    dense = param_counts(run_spec(runs["original-s0"], num_devices=8).model)
+    routed = param_counts(spec)
+    assert abs(routed["params_active"] / dense["params_active"] - 1) < 0.02
+
+
+def test_moe_preset_arms_and_reference():
+    c = compare.get_config("moe")
+    assert c.sweep.seeds >= 3 and c.sweep.reference == "softmax_aux"
+    arms = {name: dict(c.sweep.presets[name]) for name in c.sweep.variants.split(",")}
+    pairs = {(a.get("router"), a.get("balance")) for a in arms.values()}
+    for router in ("topk", "sigmoid_topk"):
+        assert {(router, b) for b in ("aux", "loss_free", "none")} <= pairs
+    assert ("expert_choice", "none") in pairs
+    c.sweep.reference = "moe_top1"
+    with pytest.raises(ValueError, match=r"sweep.reference='moe_top1' is not in sweep.variants"):
+        sweep.variant_names(c)

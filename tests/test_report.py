@@ -90,6 +90,23 @@ def test_holm_over_the_family_and_moe_rows_against_dense_swiglu():
     assert rows["swish"]["significant"] == "no" and rows["moe_top1"]["significant"] == "yes"
 
 
+def test_sweep_reference_pairs_every_row_against_one_moe_arm(tmp_path):
+    """``sweep.reference`` (the ``moe`` preset's aux-loss arm) replaces the default rule:
+    MoE rows are paired against it, with no dense row in the sweep."""
+    aux = [2.0, 2.1, 2.05]
+    recs = [record("moe_aux", s, v) for s, v in enumerate(aux)]
+    recs += [record("moe_free", s, v - 0.01 * (s + 1)) for s, v in enumerate(aux)]
+    default = {r["variant"]: r for r in report.aggregate(recs)}
+    assert default["moe_free"]["significant"] == "no reference"  # no dense swiglu here
+    rows = {r["variant"]: r for r in report.aggregate(recs, reference="moe_aux")}
+    assert rows["moe_aux"]["significant"] == "reference"
+    assert rows["moe_free"]["reference"] == "moe_aux"
+    assert rows["moe_free"]["d_test_loss"] == pytest.approx(-0.02)
+    (tmp_path / "sweep.json").write_text('{"sweep": {"reference": "moe_aux"}}')
+    assert report.sweep_reference(str(tmp_path)) == "moe_aux"
+    assert report.sweep_reference(str(tmp_path / "none")) == ""
+
+
 def test_primary_contrast_is_gated_minus_ungated_per_seed():
     recs = [record("relu", s, v) for s, v in enumerate(RELU)]
     recs += [record("gelu", s, v + 0.02) for s, v in enumerate(RELU)]

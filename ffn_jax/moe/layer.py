@@ -40,7 +40,7 @@ from ffn_jax.ffn import FFN, get_variant, hidden_activation, kernel_init
 from ffn_jax.moe.dispatch import NO_MESH, ShardAxes
 from ffn_jax.moe.experts import Weights
 from ffn_jax.moe.routers import ROUTERS, moe_shard
-from ffn_jax.moe.routing import loss_free_update
+from ffn_jax.moe.routing import forced_selection, loss_free_update
 from ffn_jax.moe.settings import MoESettings, capacity
 from ffn_jax.sharding import logical_to_spec, param
 
@@ -102,14 +102,16 @@ def run_routed(
     capacity_factor: float,
     dropout_key: jax.Array | None = None,
     bias_e: jax.Array | None = None,
+    routing_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """``moe_shard`` under a ``jax.shard_map`` over the ambient mesh, or directly without a
     mesh or on a one-device mesh (where the backward of ``shard_map`` would only copy the
     replicated expert weights through a ``psum``). Returns ``(y, aux, load_e)``.
     ``dropout_key``: raw ``uint32`` key data of the experts' hidden dropout (None = none);
-    ``bias_e (E,)``: the loss-free balance bias (None = none); both passed replicated into
-    the shard_map. ``aux`` and ``load_e`` come out replicated (psum-ed inside)."""
-    extras = {"dropout_key": dropout_key, "bias_e": bias_e}
+    ``bias_e (E,)``: the loss-free balance bias (None = none); ``routing_key``: raw key data
+    of ``routing="random"``; all passed replicated into the shard_map. ``aux`` and
+    ``load_e`` come out replicated (psum-ed inside)."""
+    extras = {"dropout_key": dropout_key, "bias_e": bias_e, "routing_key": routing_key}
     extras = {name: value for name, value in extras.items() if value is not None}
 
     def fn(x, lg, w, extras: dict[str, jax.Array], axes: ShardAxes):
@@ -123,6 +125,7 @@ def run_routed(
             axes=axes,
             dropout_key=extras.get("dropout_key"),
             bias_e=extras.get("bias_e"),
+            routing_key=extras.get("routing_key"),
         )
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -159,7 +162,10 @@ class MoEFFN(nnx.Module):
     ``ffn_jax.moe.routing.loss_free_update`` from the call's global loads, after routing.
     ``router_bias`` None (the default) takes ``settings.router_bias``. In training the
     experts (and the shared expert) apply ``settings.dropout`` to their hidden activations,
-    as the dense FFN does; evaluation is deterministic.
+    as the dense FFN does; evaluation is deterministic. ``settings.routing`` ``balanced`` /
+    ``random`` force the selection (benchmarking, ``ffn_jax.moe.routing.forced_selection``);
+    ``random`` draws per training call from the layer's ``dropout`` stream and uses a fixed
+    key in evaluation.
     Init: router and ``w1``/``w3`` std ``1/sqrt(fan_in)``; ``w2`` (and the shared expert's)
     times ``out_scale``, as the dense FFN it replaces (``1/sqrt(2 n_layers)`` in the LM).
     ``ffn_init`` scales the experts' (and the shared expert's) hidden activations exactly as
@@ -220,7 +226,8 @@ class MoEFFN(nnx.Module):
             if s.shared_width
             else None
         )
-        self.rngs = rngs["dropout"].fork() if s.jitter > 0 or s.dropout > 0 else None
+        random_routing = s.routing == "random"
+        self.rngs = rngs["dropout"].fork() if s.jitter or s.dropout or random_routing else None
         self.balance_bias = (
             BalanceBias(jnp.zeros((e,), jnp.float32)) if s.balance == "loss_free" else None
         )
@@ -259,6 +266,11 @@ class MoEFFN(nnx.Module):
         if self.rngs is not None and s.dropout > 0 and not self.deterministic:
             dropout_key = jax.random.key_data(self.rngs())
         bias_e = None if self.balance_bias is None else self.balance_bias[...]
+        routing_key = None
+        if s.routing == "random":  # a fresh draw per training call; a fixed one in evaluation
+            assert self.rngs is not None
+            key = jax.random.key(0) if self.deterministic else self.rngs()
+            routing_key = jax.random.key_data(key)
         y, aux, load_e = run_routed(
             x_btd.astype(self.dtype),
             logits,
@@ -268,6 +280,7 @@ class MoEFFN(nnx.Module):
             capacity_factor=cf,
             dropout_key=dropout_key,
             bias_e=bias_e,
+            routing_key=routing_key,
         )
         if self.balance_bias is not None and bias_e is not None and not self.deterministic:
             # After routing, from the global (psum-ed, replicated) loads: every shard agrees.
@@ -278,7 +291,11 @@ class MoEFFN(nnx.Module):
             y = y + shared
         if self.capture:  # the flat token -> expert assignments of these logits
             logits_te = logits.reshape(-1, s.num_experts)
-            cap = capacity(cf, s.top_k, logits_te.shape[0], s.num_experts)
+            t = logits_te.shape[0]
+            cap = capacity(cf, s.top_k, t, s.num_experts)
+            if s.routing != "learned":  # over the whole batch: the shards' draw on one device
+                key = None if routing_key is None else jax.random.wrap_key_data(routing_key)
+                bias_e = forced_selection(s.routing, t, s.num_experts, s.top_k, key)
             expert_a, token_a = ROUTERS[s.router].assign(logits_te, s, cap, bias_e)
             aux = {**aux, "capture/expert": expert_a, "capture/token": token_a}
         return y, aux

@@ -2,19 +2,20 @@
 
 A router is one row of ``ROUTERS`` (data, not string tests spread over files): its dispatch
 function, whether it is causal in a decoder, the dispatch paths it allows (the first is its
-default), the balancing modes it allows, ``probs`` (the per-token distribution over experts
-behind its aux statistics) and ``assign``, its flat token -> expert assignments for
-inspection. Everything else (validation, cost, memory estimate, the report's causal flag)
-reads the row.
+default), the balancing and routing modes it allows, ``probs`` (the per-token distribution
+over experts behind its aux statistics) and ``assign``, its flat token -> expert assignments
+for inspection. Everything else (validation, cost, memory estimate, the report's causal
+flag) reads the row.
 
-``route(x_td, logits_te, probs_te, w, *, s, act, cap, axes, length, drop, bias_e)
--> (y_td, count_e, dropped, of)`` runs the experts on one shard's ``t = batch * length``
-tokens (rows batch-major) with ``cap`` slots per expert; experts (or tokens) are selected on
-the float32 logits (or, with the loss-free balance bias ``bias_e (E,)``, on the scores plus
-the bias), weighted by the scores; ``drop`` is the experts' hidden dropout (None in
-evaluation); ``count_e`` counts assignments per expert before drops, ``dropped`` out of
-``of`` feed the ``dropped_fraction`` metric. ``assign(logits_te, s, cap, bias_e)`` gives the
-flat ``(expert, token)`` assignments of the same selection.
+``route(x_td, logits_te, probs_te, w, *, s, act, cap, axes, length, drop, bias_e) -> (y_td,
+count_e, dropped, of)`` runs the experts on one shard's ``t = batch * length`` tokens (rows
+batch-major) with ``cap`` slots per expert; experts (or tokens) are selected on the float32
+logits (or, with the loss-free balance bias ``bias_e (E,)``, on the scores plus the bias, or
+a forced selection's ``(t, E)`` offset under ``model.moe.routing``), weighted by the scores;
+``drop`` is the experts' hidden dropout (None in evaluation); ``count_e`` counts assignments
+per expert before drops, ``dropped`` out of ``of`` feed the ``dropped_fraction`` metric.
+``assign(logits_te, s, cap, bias_e)`` gives the flat ``(expert, token)`` assignments of the
+same selection.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ from ffn_jax.moe.experts import Activation, HiddenDropout, Weights
 from ffn_jax.moe.routing import (
     aux_from_sums,
     expert_choice_route,
+    forced_selection,
     router_sums,
     sequence_counts,
     sigmoid_probs,
     sigmoid_top_k_route,
     top_k_route,
 )
-from ffn_jax.moe.settings import BALANCES, MoESettings, capacity
+from ffn_jax.moe.settings import BALANCES, ROUTING_MODES, MoESettings, capacity
 
 RouteOut = tuple[jax.Array, jax.Array, jax.Array, int]
 
@@ -62,6 +64,7 @@ class Router:
     description: str
     probs: Callable[[jax.Array], jax.Array] = _softmax  # logits (t, E) -> distribution (t, E)
     balances: tuple[str, ...] = BALANCES  # the model.moe.balance modes that apply
+    routings: tuple[str, ...] = ROUTING_MODES  # the model.moe.routing modes that apply
 
     def uses_capacity(self, dispatch: str) -> bool:
         """Whether ``dispatch`` fills fixed-capacity slots (capacity factors apply)."""
@@ -189,6 +192,7 @@ ROUTERS: dict[str, Router] = {
             dispatches=("capacity",),
             description="expert choice: each expert takes its top-capacity tokens",
             balances=("aux", "none"),  # balanced by construction: no bias to learn
+            routings=("learned",),  # experts pick tokens: no token-side choice to force
         ),
     )
 }
@@ -209,6 +213,7 @@ def moe_shard(
     axes: ShardAxes,
     dropout_key: jax.Array | None = None,
     bias_e: jax.Array | None = None,
+    routing_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """Routed experts on one shard: ``x (b, l, d)``, float32 ``logits (b, l, E)`` and the local
     experts' weights -> ``(y (b, l, d), aux, load_e (E,))``; aux values and ``load_e`` (the
@@ -219,7 +224,10 @@ def moe_shard(
     turns on the experts' hidden dropout of rate ``s.dropout``; it is folded with this
     shard's index over the batch and expert axes, so shards draw independent masks.
     ``bias_e (E,)`` (replicated): the loss-free balance bias, added to the scores for the
-    selection only."""
+    selection only. Under ``s.routing`` ``balanced`` or ``random`` a forced selection
+    (``forced_selection``) replaces it, over this shard's tokens; ``random`` draws from
+    ``routing_key`` (raw key data, the same on every shard) folded with the shard's index
+    over the batch axes, so shards draw independently and token replicas agree."""
     batch, length, d = x_bld.shape
     router = ROUTERS[s.router]
     x_td = x_bld.reshape(batch * length, d)
@@ -233,6 +241,13 @@ def moe_shard(
         if mesh_axes:
             key = jax.random.fold_in(key, jax.lax.axis_index(mesh_axes))
         drop = HiddenDropout(s.dropout, key)
+    if s.routing != "learned":
+        key = None
+        if routing_key is not None:
+            key = jax.random.wrap_key_data(routing_key)
+            if axes.batch:
+                key = jax.random.fold_in(key, jax.lax.axis_index(axes.batch))
+        bias_e = forced_selection(s.routing, batch * length, s.num_experts, s.top_k, key)
     y_td, count_e, dropped, of = router.route(
         x_td,
         logits_te,

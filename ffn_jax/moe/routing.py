@@ -78,9 +78,10 @@ def top_k_route(
     best first.
 
     The experts are selected on ``probs_te + bias_e`` when the loss-free balance bias
-    ``bias_e (E,)`` is given, else on ``logits_te (t, E)`` when given (softmax keeps their
-    order and they do not underflow, so probabilities that round to the same float32 value,
-    0 included, cannot pick the wrong experts), else on ``probs_te (t, E)``. The weight is
+    ``bias_e (E,)`` (or a forced selection's ``(t, E)`` offset) is given, else on
+    ``logits_te (t, E)`` when given (softmax keeps their order and they do not underflow,
+    so probabilities that round to the same float32 value, 0 included, cannot pick the
+    wrong experts), else on ``probs_te (t, E)``. The weight is
     the chosen experts' pre-selection router probability (never the bias), so with ``k = 1``
     (Switch) the router still gets a gradient from the task loss; for ``k >= 2``
     ``renormalize`` rescales the selected weights to sum to 1.
@@ -110,11 +111,11 @@ def sigmoid_top_k_route(
     """Sigmoid token choice (DeepSeek-V3): ``(expert_tk int32, weight_tk float32) (t, k)``.
 
     Scores ``s = sigmoid(logits_te (t, E))``; the experts are selected on ``s + bias_e``
-    with the loss-free bias ``(E,)``, else on the logits (the order of ``s``, without ties
-    where ``s`` saturates to 1.0); the weights are the chosen ``s`` (never the bias),
-    normalised to sum 1 over the chosen experts when ``renormalize`` and ``k >= 2``. (At
-    ``k = 1`` normalising would make every weight 1 and leave the router no task gradient,
-    so the raw score is kept, as ``top_k_route`` does.)
+    with the loss-free bias ``(E,)`` (or a forced selection's ``(t, E)`` offset), else on
+    the logits (the order of ``s``, without ties where ``s`` saturates to 1.0); the weights
+    are the chosen ``s`` (never the bias), normalised to sum 1 over the chosen experts when
+    ``renormalize`` and ``k >= 2``. (At ``k = 1`` normalising would make every weight 1 and
+    leave the router no task gradient, so the raw score is kept, as ``top_k_route`` does.)
     """
     s_te = sigmoid_scores(logits_te)
     select_te = logits_te if bias_e is None else s_te + bias_e
@@ -136,6 +137,33 @@ def expert_choice_route(
     _, token_ec = jax.lax.top_k(select_te.T, capacity)
     weight_ec = jnp.take_along_axis(probs_te.T, token_ec, axis=-1)
     return token_ec.astype(jnp.int32), weight_ec
+
+
+def forced_selection(
+    mode: str, tokens: int, num_experts: int, k: int, key: jax.Array | None = None
+) -> jax.Array:
+    """A selection offset ``(tokens, E)`` float32 that forces the top-k choice of the
+    debugging routing ``mode`` (``model.moe.routing``), used like the loss-free bias: the
+    experts are picked on ``scores + offset``, the weights stay the scores.
+
+    Rows of the offset are ``2 * rank`` with integer ranks: gaps of 2 exceed the scores'
+    range (softmax and sigmoid scores lie in [0, 1]), so the ranks alone decide.
+
+    * ``balanced``: token ``i`` ranks expert ``(i*k + j) mod E`` highest for ``j = 0..k-1``,
+      so over ``tokens`` tokens every expert gets ``k * tokens / E`` when that divides.
+    * ``random``: a uniformly random ranking of the experts per token, drawn from ``key``
+      (a typed PRNG key): ``k`` distinct experts uniformly at random.
+    """
+    if mode == "balanced":
+        token_t1 = jnp.arange(tokens, dtype=jnp.int32)[:, None]
+        expert_1e = jnp.arange(num_experts, dtype=jnp.int32)[None, :]
+        distance_te = (expert_1e - token_t1 * k) % num_experts  # 0 for the first choice
+        return -2.0 * distance_te.astype(jnp.float32)
+    if mode == "random":
+        assert key is not None, "random routing needs a key"
+        rank_te = jnp.argsort(jax.random.uniform(key, (tokens, num_experts)), axis=-1)
+        return 2.0 * rank_te.astype(jnp.float32)
+    raise ValueError(f"model.moe.routing={mode!r} has no forced selection")
 
 
 def loss_free_update(bias_e: jax.Array, load_e: jax.Array, rate: float) -> jax.Array:

@@ -21,6 +21,12 @@ Conventions (also stated in ``configs/base.py``):
   ``balance_rate`` after every training forward pass; no load-balance loss) or ``none``.
   ``aux_scope`` says over what the load-balance loss's ``f_i`` and ``P_i`` are taken: the
   whole batch (Switch) or each sequence (DeepSeek-V3's sequence-wise loss), averaged.
+* **Routing** (``routing``): ``learned`` (the router's scores pick the experts) or, for
+  benchmarking, a forced selection that ignores them: ``balanced`` (token ``i`` of a group
+  takes experts ``i*k .. i*k+k-1`` mod ``E``: every expert gets exactly ``k*T/E`` tokens
+  when that divides) or ``random`` (``k`` distinct experts uniformly at random, a fresh
+  draw every training step). The combine weights stay the router's scores of the forced
+  choices, so the router still trains; see ``ffn_jax.moe.routing.forced_selection``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ffn_jax.ffn import ffn_cost
 DROPLESS_IMPLS = ("ragged", "loop")
 BALANCES = ("aux", "loss_free", "none")  # model.moe.balance
 AUX_SCOPES = ("batch", "sequence")  # model.moe.aux_scope
+ROUTING_MODES = ("learned", "balanced", "random")  # model.moe.routing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,7 @@ class MoESettings:
     balance: str = "aux"  # one of BALANCES
     balance_rate: float = 1e-3  # loss_free: the bias step per training forward pass
     aux_scope: str = "batch"  # one of AUX_SCOPES: f_i, P_i of lb_loss per batch or sequence
+    routing: str = "learned"  # one of ROUTING_MODES: "balanced"/"random" force the selection
 
     @classmethod
     def from_block(cls, moe: Mapping[str, Any], d_ff: int, dropout: float = 0.0) -> MoESettings:
@@ -93,6 +101,7 @@ class MoESettings:
             balance=str(moe.get("balance", "aux")),
             balance_rate=float(moe.get("balance_rate", 1e-3)),
             aux_scope=str(moe.get("aux_scope", "batch")),
+            routing=str(moe.get("routing", "learned")),
         )
 
     @property
