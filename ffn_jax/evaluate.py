@@ -61,19 +61,20 @@ def evaluate_split(
     consecutive windows, a contiguous block of the split, the unit a bootstrap resamples.
     """
     sums, block_bytes = [], []
+    block, blocks = data_lib.batch_block(rs.batch_sharding, data.batch_size)
     batches = data_lib.eval_batches(
         shard,
         seq_len=data.seq_len,
         batch_size=data.batch_size,
         max_batches=max_batches,
         token_bytes=token_bytes,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=block,
+        process_count=blocks,
     )
     spec = rs.batch_sharding.spec
     for b in batches:
         arrays = [
-            data_lib.to_global(np.asarray(b[k]), rs.mesh, spec)
+            data_lib.to_global(np.asarray(b[k]), rs.mesh, spec, data.batch_size)
             for k in ("inputs", "targets", "mask")
         ]
         sums.append(eval_step(state, *arrays))

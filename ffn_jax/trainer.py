@@ -217,14 +217,16 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     write_config(spec, workdir)
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
-    pcount, pindex = jax.process_count(), jax.process_index()
+    # This process's block of each batch: replicas of a batch shard (processes along
+    # tensor, say) read the same rows.
+    block, blocks = data_lib.batch_block(rs.batch_sharding, spec.data.batch_size)
     train_iter = data_lib.train_iterator(
         prep.splits["train"],
         seq_len=spec.data.seq_len,
         global_batch=spec.data.batch_size,
         seed=spec.seed,
-        process_index=pindex,
-        process_count=pcount,
+        process_index=block,
+        process_count=blocks,
         num_workers=spec.data.num_workers,
     )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
@@ -301,7 +303,9 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
             while step < t.steps and signalled is None:
                 profiler.maybe_start(step)
                 t_data = time.perf_counter()
-                batch = data_lib.to_global(next(train_iter), rs.mesh, rs.batch_sharding.spec)
+                batch = data_lib.to_global(
+                    next(train_iter), rs.mesh, rs.batch_sharding.spec, spec.data.batch_size
+                )
                 data_s += time.perf_counter() - t_data
                 state, metrics = train_step(state, batch)
                 inflight.append(metrics["loss"])

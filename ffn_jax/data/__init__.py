@@ -11,7 +11,7 @@ Typical use from the trainer::
 
 from ffn_jax.data.corpora import SPLITS, Corpus
 from ffn_jax.data.evaluation import bits_per_byte, eval_batches
-from ffn_jax.data.loader import to_global, train_iterator
+from ffn_jax.data.loader import batch_block, to_global, train_iterator
 from ffn_jax.data.pipeline import CORPORA, Prepared, prepare, tokenizer_vocab_size, validate
 from ffn_jax.data.shakespeare import HELDOUT_WORKS
 from ffn_jax.data.shards import TokenShard
@@ -27,6 +27,7 @@ __all__ = [
     "Prepared",
     "TokenShard",
     "Tokenizer",
+    "batch_block",
     "bits_per_byte",
     "eval_batches",
     "prepare",

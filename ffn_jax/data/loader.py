@@ -9,11 +9,18 @@ global batch size, never on the number of processes: global batch ``k`` is eleme
 contiguous rows ``p*B/P .. (p+1)*B/P - 1`` of it, so concatenating the processes' rows
 in process order (what :func:`to_global` does) gives the same global batch on any
 number of hosts.
+
+Processes that hold replicas of the same rows (a ``tensor`` or other non-batch mesh axis
+spanning hosts) must feed the same rows: :func:`batch_block` reads which block of the
+global batch this process's devices hold from the batch sharding, and the loaders take
+that block's index and the number of blocks as their ``process_index`` / ``process_count``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -98,11 +105,44 @@ def train_iterator(
     return iter(it_ds)
 
 
-def to_global(batch_np: np.ndarray, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> jax.Array:
-    """Assemble each process's rows (local shape (B/P, ...)) into one global jax.Array.
+def batch_block(
+    sharding: jax.sharding.Sharding, batch: int, devices: Iterable[Any] | None = None
+) -> tuple[int, int]:
+    """``(block, blocks)``: this process's rows of a global batch of ``batch`` rows laid out
+    by ``sharding`` are rows ``block * batch / blocks .. (block + 1) * batch / blocks - 1``.
 
-    The global array has shape (B, ...) with the processes' rows in process order,
-    laid out on ``mesh`` as ``spec`` says (e.g. ``PartitionSpec("data")``).
+    Read from the rows ``sharding`` gives ``devices`` (default: this process's addressable
+    devices). One process: ``(0, 1)``; processes along the batch axes: ``(p, P)``; processes
+    that are replicas of each other (e.g. ``tensor`` across hosts) get the same block, so
+    they feed the same rows. ValueError when the devices hold no single aligned block
+    (a mesh whose batch axes interleave processes).
+    """
+    devices = sharding.addressable_devices if devices is None else set(devices)
+    index_map = sharding.devices_indices_map((batch, 1))
+    spans = {index_map[d][0].indices(batch)[:2] for d in devices}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    rows = hi - lo
+    if sum(b - a for a, b in spans) != rows or batch % rows or lo % rows:
+        raise ValueError(
+            f"this process's devices hold rows {sorted(spans)} of the {batch}-row batch, not "
+            "one aligned block; order the mesh so that each process's devices are contiguous "
+            "along the batch axes (mesh.shape)"
+        )
+    return lo // rows, batch // rows
+
+
+def to_global(
+    batch_np: np.ndarray,
+    mesh: jax.sharding.Mesh,
+    spec: PartitionSpec,
+    global_rows: int | None = None,
+) -> jax.Array:
+    """Assemble each process's rows (its :func:`batch_block` of the batch) into one global
+    jax.Array of ``global_rows`` rows (default: local rows x processes, right only when no
+    two processes hold the same rows), laid out on ``mesh`` as ``spec`` says (e.g.
+    ``PartitionSpec("data")``).
     """
     sharding = NamedSharding(mesh, spec)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(batch_np))
+    local = np.asarray(batch_np)
+    shape = None if global_rows is None else (global_rows, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, shape)
