@@ -1,9 +1,13 @@
 """Orbax checkpoints of the train state, run metadata and the data iterator.
 
-A checkpoint holds three items: ``state`` (model + optimiser, as a pure dict of arrays,
-PRNG keys stored as their raw key data), ``meta`` (JSON: step, tokens seen, ...) and
-``data`` (the grain iterator state, one file per process). Restoring tries the newest
-step first and falls back to older ones if a checkpoint is corrupt or partial.
+A checkpoint holds two items: ``state`` (model + optimiser, as a pure dict of arrays,
+PRNG keys stored as their raw key data) and ``meta`` (JSON: step, tokens seen, ...). The
+data order needs no state of its own: the loader resumes at the step
+(``ffn_jax.data.train_iterator(start=step)``), so a run resumes on any number of processes.
+(Checkpoints of older versions also hold ``data``, the grain iterator's per-process state;
+it is not read.) Restoring tries the newest step first and falls back to older ones if a
+checkpoint is corrupt or partial; with several processes every process tries each step and
+they agree (all-gather) on whether it restored everywhere, so all resume from one step.
 
 Integrity: once a save has committed, ``checkpoints/manifests/<step>.json`` records the
 sha256 of every file of that step. A restore checks the step against it first, so flipped
@@ -21,9 +25,9 @@ import logging
 import os
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -110,6 +114,15 @@ def verify_step(directory: str, step: int) -> str | None:
     return f"{len(bad)} file(s) differ from its manifest, e.g. {bad[0]}" if bad else None
 
 
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (an all-gather; just ``ok`` on one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array(ok, np.int32)).all())
+
+
 class Checkpointer:
     """Saves every ``every`` steps (and when forced), keeps the last ``keep``, asynchronously."""
 
@@ -162,22 +175,20 @@ class Checkpointer:
         self.manager.reload()
         log.warning("moved the failed checkpoint step %d to %s", step, dest)
 
-    def save(self, step: int, state: nnx.State, meta: dict, data_iter=None, force=False) -> bool:
+    def save(self, step: int, state: nnx.State, meta: dict, force: bool = False) -> bool:
         """Save (asynchronously) if ``step`` is due or ``force``; True if a save started."""
         items = {
             "state": ocp.args.StandardSave(to_saveable(state)),
             "meta": ocp.args.JsonSave(meta),
         }
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if not (force or self.manager.should_save(step)):
             return False
         self.manager.wait_until_finished()  # the previous save has committed: seal it
         self.seal()
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, state: nnx.State, data_iter=None, step: int | None = None):
-        """Restore into ``state`` (shapes/shardings taken from it) and ``data_iter``.
+    def restore(self, state: nnx.State, step: int | None = None):
+        """Restore into ``state`` (shapes/shardings taken from it).
 
         Returns ``(state, meta, step)``, or None when there is no checkpoint. Without an
         explicit ``step``, a checkpoint that fails to restore is skipped with a warning and
@@ -197,8 +208,6 @@ class Checkpointer:
                 "state": ocp.args.StandardRestore(abstract_saveable(state)),
                 "meta": ocp.args.JsonRestore(),
             }
-            if data_iter is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
             problem = self.verify(s)
             if problem is None:
                 try:
@@ -206,6 +215,8 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                     first = str(e).splitlines()[0] if str(e) else ""
                     problem = f"{type(e).__name__}: {first[:200]}"
+            if not _everywhere(problem is None) and problem is None:
+                problem = "it failed to restore on another process"
             if problem is not None:
                 log.warning(
                     "checkpoint step %d in %s is unusable (%s); trying an older one",

@@ -30,8 +30,8 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
 import jax
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 from ffn_jax.configuration import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODES = ("auto", "always", "never")
 TIMEOUT_EXIT_CODE = 3
@@ -187,3 +188,19 @@ def log_from_process_zero_only() -> None:
     """Raise the root log level to WARNING on every process but 0 (INFO logs once per job)."""
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def process_zero_first(fn: Callable[[], T], name: str) -> T:
+    """``fn()`` on process 0, then on every other process once process 0 has finished it (a
+    barrier named ``name``): e.g. preparing a shared corpus cache once, not once per process,
+    the others then reading it. One process: just ``fn()``."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        out = fn()
+        multihost_utils.sync_global_devices(name)
+        return out
+    multihost_utils.sync_global_devices(name)
+    return fn()

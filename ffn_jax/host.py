@@ -1,12 +1,13 @@
 """Host-process settings that must be in place before JAX starts: :func:`prepare_process`.
 
-**XLA:CPU flags.** :data:`XLA_CPU_DEFAULTS` are added to ``XLA_FLAGS`` unless the user's
-``XLA_FLAGS`` already names the flag. ``xla_cpu_experimental_ynn_fusion_type=-individual_dot,
--dot`` takes matmuls away from YNNPACK (XLA:CPU's default for them) and gives them to
-Eigen, keeping YNNPACK's reductions and elementwise fusions: Eigen runs the MoE experts'
-batched matmuls faster and leaves the dense steps as they were (measured in
-``docs/perf.md``). XLA_FLAGS is read when the backend starts, so setting the environment
-before the first JAX call is enough.
+**XLA flags.** On CPU (:func:`guess_platform`) :data:`XLA_CPU_DEFAULTS` are added to
+``XLA_FLAGS``, on GPU :data:`XLA_GPU_DEFAULTS`, unless the user's ``XLA_FLAGS`` already
+names the flag (so each is overridable); ``FFN_JAX_NO_XLA_DEFAULTS=1`` adds none.
+``xla_cpu_experimental_ynn_fusion_type=-individual_dot,-dot`` takes matmuls away from
+YNNPACK (XLA:CPU's default for them) and gives them to Eigen, keeping YNNPACK's reductions
+and elementwise fusions: Eigen runs the MoE experts' batched matmuls faster and leaves the
+dense steps as they were (measured in ``docs/perf.md``). XLA_FLAGS is read when the backend
+starts, so setting the environment before the first JAX call is enough.
 
 **Huge-page malloc.** XLA:CPU allocates a step's temporaries afresh on every execution.
 glibc serves blocks that large with new anonymous mappings, so with 4 KiB pages the kernel
@@ -23,16 +24,37 @@ import os
 import sys
 
 XLA_CPU_DEFAULTS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-dot",)
+# On GPU: XLA's latency-hiding scheduler overlaps collectives with compute (what MaxText
+# and the JAX GPU performance guide turn on first for data/FSDP parallel training).
+XLA_GPU_DEFAULTS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+OPT_OUT_XLA = "FFN_JAX_NO_XLA_DEFAULTS"  # set (to anything) to add no XLA flags
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "FFN_JAX_NO_HUGEPAGES"  # set (to anything) to keep the process as it is
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def with_xla_cpu_defaults(xla_flags: str) -> str:
-    """``xla_flags`` plus each :data:`XLA_CPU_DEFAULTS` flag it does not set itself."""
+def with_xla_defaults(xla_flags: str, defaults: tuple[str, ...] = XLA_CPU_DEFAULTS) -> str:
+    """``xla_flags`` plus each flag of ``defaults`` it does not set itself."""
     given = {f.split("=", 1)[0] for f in xla_flags.split()}
-    extra = [f for f in XLA_CPU_DEFAULTS if f.split("=", 1)[0] not in given]
+    extra = [f for f in defaults if f.split("=", 1)[0] not in given]
     return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def guess_platform(environ: dict[str, str] | None = None, root: str = "/dev") -> str:
+    """The platform JAX will start on (``"cpu"``, ``"gpu"`` or ``"tpu"``), guessed before it
+    starts (its flags must be set by then): the first of ``JAX_PLATFORMS`` when set, else
+    an NVIDIA or AMD GPU device node (``nvidia0``, ``kfd``) means ``gpu`` and a TPU one
+    (``accel0``, ``vfio/0``) ``tpu``; ``cpu`` otherwise. Each platform gets only its own XLA
+    flags: a flag XLA does not know is a fatal error."""
+    env = os.environ if environ is None else environ
+    first = env.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if first:
+        return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(first, "cpu")
+    if any(os.path.exists(os.path.join(root, n)) for n in ("nvidia0", "kfd")):
+        return "gpu"
+    if any(os.path.exists(os.path.join(root, n)) for n in ("accel0", "vfio/0")):
+        return "tpu"
+    return "cpu"
 
 
 def _glibc_version() -> tuple[int, int] | None:
@@ -67,9 +89,13 @@ def hugepage_malloc_wanted(environ: dict[str, str] | None = None) -> bool:
 
 
 def prepare_process() -> None:
-    """Call first in an entry point, before JAX starts: sets the XLA:CPU defaults in
-    ``XLA_FLAGS``, then (when it helps) re-executes the process with huge-page malloc."""
-    os.environ["XLA_FLAGS"] = with_xla_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
+    """Call first in an entry point, before JAX starts: adds the platform's XLA defaults
+    (:data:`XLA_CPU_DEFAULTS` or :data:`XLA_GPU_DEFAULTS`, by :func:`guess_platform`; none
+    with ``FFN_JAX_NO_XLA_DEFAULTS`` set) to ``XLA_FLAGS``, then (when it helps)
+    re-executes the process with huge-page malloc."""
+    defaults = {"cpu": XLA_CPU_DEFAULTS, "gpu": XLA_GPU_DEFAULTS}.get(guess_platform(), ())
+    if OPT_OUT_XLA not in os.environ:
+        os.environ["XLA_FLAGS"] = with_xla_defaults(os.environ.get("XLA_FLAGS", ""), defaults)
     use_hugepage_malloc()
 
 

@@ -325,7 +325,7 @@ def restore(
     prep = data_lib.prepare(spec.data, workdir)
     rs = build_run_state(spec, mesh)
     try:
-        restored = ckpt.restore(rs.state, None, step)
+        restored = ckpt.restore(rs.state, step)
     finally:
         ckpt.close()  # also on failure: orbax's threads otherwise spew tracebacks at exit
     assert restored is not None

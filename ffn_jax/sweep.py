@@ -40,6 +40,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -293,6 +294,12 @@ def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
         )
 
 
+def _write_shared(path: str, obj: Any) -> None:
+    """Write a sweep-level file from process 0 only (every process computes the same)."""
+    if jax.process_index() == 0:
+        write_json_atomic(path, obj)
+
+
 class _Stopped(Exception):
     """A signal stopped a run: the sweep stops after it."""
 
@@ -310,7 +317,7 @@ class _SweepTrainer:
 
     def save_timing(self) -> None:
         wall = self.before + time.perf_counter() - self.started
-        write_json_atomic(os.path.join(self.workdir, TIMING_FILE), {"wall_s": wall})
+        _write_shared(os.path.join(self.workdir, TIMING_FILE), {"wall_s": wall})
 
     def train(self, run: Run, extra: dict[str, Any] | None = None) -> None:
         """Train ``run`` (its config plus the ``extra`` fields) unless done; raises
@@ -334,7 +341,7 @@ class _SweepTrainer:
         except NonFiniteLossError as e:
             log.warning("%s diverged; the sweep goes on: %s", run.name, e)
             marker = {"error": str(e), "config": dict(spec.source)}
-            write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), marker)
+            _write_shared(os.path.join(run_dir, DIVERGED_FILE), marker)
             return
         finally:
             self.save_timing()
@@ -430,7 +437,7 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
         raise ConfigError(problems)
     _check_sweep_dir(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, SWEEP_FILE), config.to_dict())
+    _write_shared(os.path.join(workdir, SWEEP_FILE), config.to_dict())
 
     trainer = _SweepTrainer(config, workdir)
     try:
@@ -445,7 +452,7 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
                 "field": tune.field,
                 **_tune(cell, tune, trainer),
             }
-            write_json_atomic(os.path.join(workdir, TUNING_FILE), tuning)
+            _write_shared(os.path.join(workdir, TUNING_FILE), tuning)
         for cell in all_cells:
             if tuning[cell.name]["edge"]:
                 log.warning(

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from ffn_jax import data as data_lib
-from ffn_jax import memory, programs, sharding
+from ffn_jax import distributed, memory, programs, sharding
 from ffn_jax.checkpoint import Checkpointer
 from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
 from ffn_jax.flops import flops_per_token, peak_flops
@@ -162,27 +162,61 @@ class _Profiler:
 
 
 class _Preemption:
-    """Turns SIGTERM / SIGINT into a flag the loop checks once per step (and start-up checks
-    before the loop). A second Ctrl-C aborts at once (KeyboardInterrupt)."""
+    """Turns SIGTERM / SIGINT into a stop that every process takes at the same step.
+
+    One process: a Python handler sets a flag the loop reads once per step (start-up checks
+    it before the loop); a second Ctrl-C aborts at once (KeyboardInterrupt).
+
+    Several processes (``jax.distributed`` with its preemption service): SIGTERM is left to
+    JAX's preemption notifier, which tells every process through the coordination service;
+    ``stop_at(step)`` is ``multihost_utils.reached_preemption_sync_point``, true on every
+    process at the same step (one past the furthest any process had reached), so all of
+    them save that step and exit. SIGINT re-raises SIGTERM in this process, taking the
+    same path. A per-process flag would stop only the signalled process and hang the
+    others in the next collective.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._old = {}
+        self.agreed = _preemption_service_running()
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.agreed else (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self.agreed:  # to JAX's notifier: every process stops at one agreed step
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
 
+    def stop_at(self, step: int) -> bool:
+        """Whether to save and exit after ``step`` (call once per step, on every process)."""
+        if self.agreed:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = self.signal or signal.SIGTERM
+                return True
+            return False
+        return self.signal is not None
+
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _preemption_service_running() -> bool:
+    """Whether this is one of several processes with JAX's preemption sync manager."""
+    from jax._src import distributed as jax_distributed  # its state has no public accessor
+
+    state = jax_distributed.global_state
+    return jax.process_count() > 1 and state.preemption_sync_manager is not None
 
 
 def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
@@ -204,7 +238,11 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
 def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     t_entry = time.perf_counter()
     t = spec.train
-    prep = data_lib.prepare(spec.data, workdir)
+    # Process 0 prepares (downloads, tokenises, caches) the corpus; the others then read
+    # its cache (or, on hosts without a shared cache, prepare their own).
+    prep = distributed.process_zero_first(
+        lambda: data_lib.prepare(spec.data, workdir), "ffn_jax: corpus prepared"
+    )
     if prep.tokenizer.vocab_size != spec.model.tokenizer_vocab:
         raise ValueError(
             f"the tokenizer of data.tokenizer={spec.data.tokenizer!r} has "
@@ -217,18 +255,6 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     write_config(spec, workdir)
     writer = MetricWriter(workdir)
     ckpt = Checkpointer(workdir, t.checkpoint_every, t.keep_checkpoints)
-    # This process's block of each batch: replicas of a batch shard (processes along
-    # tensor, say) read the same rows.
-    block, blocks = data_lib.batch_block(rs.batch_sharding, spec.data.batch_size)
-    train_iter = data_lib.train_iterator(
-        prep.splits["train"],
-        seq_len=spec.data.seq_len,
-        global_batch=spec.data.batch_size,
-        seed=spec.seed,
-        process_index=block,
-        process_count=blocks,
-        num_workers=spec.data.num_workers,
-    )
     state, step, tokens_seen, time_before = rs.state, 0, 0, 0.0
     timing = Timing()
     # Per-step metrics since the last log row, carried over a resume (checkpoint meta) so
@@ -236,7 +262,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     window: list = []
     alarm = health.CollapseAlarm(t.collapse_windows)  # its counts are carried likewise
     try:
-        restored = ckpt.restore(state, train_iter) if t.resume else None
+        restored = ckpt.restore(state) if t.resume else None
     except BaseException:
         ckpt.close()  # orbax's threads otherwise spew tracebacks at exit
         writer.close()
@@ -252,6 +278,20 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
         log.info("resumed %s from step %d", workdir, step)
     carried = len(window)  # of them, the steps not timed in this process
     first_step, signalled = step, None
+    # This process's block of each batch (replicas of a batch shard, e.g. processes along
+    # tensor, read the same rows), from batch ``step`` on: the order depends only on the
+    # seed and the global batch, so any process count resumes exactly.
+    block, blocks = data_lib.batch_block(rs.batch_sharding, spec.data.batch_size)
+    train_iter = data_lib.train_iterator(
+        prep.splits["train"],
+        seq_len=spec.data.seq_len,
+        global_batch=spec.data.batch_size,
+        seed=spec.seed,
+        process_index=block,
+        process_count=blocks,
+        num_workers=spec.data.num_workers,
+        start=step,
+    )
 
     with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
         t0 = time.perf_counter()
@@ -319,7 +359,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                 window.append(metrics)
                 bar.update(1)
                 last = step == t.steps
-                preempted = pre.signal is not None  # read once: a signal may land any time
+                preempted = pre.stop_at(step)  # read once: a signal may land any time
                 due_log = step % t.log_every == 0 or last
                 due_ckpt = step % t.checkpoint_every == 0 or last or preempted
                 host = jax.device_get(window) if due_log or due_ckpt else []
@@ -400,7 +440,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
                         ],
                         "collapse_runs": list(alarm.runs),  # after this step's log row
                     }
-                    ckpt.save(step, state, meta, train_iter, force=last or preempted)
+                    ckpt.save(step, state, meta, force=last or preempted)
                     timing.checkpoint_s += time.perf_counter() - t_ckpt
                     paused_s += time.perf_counter() - t_ckpt
                 if preempted:

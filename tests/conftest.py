@@ -3,9 +3,9 @@ before jax is imported)."""
 
 import os
 
-from ffn_jax.host import with_xla_cpu_defaults
+from ffn_jax.host import with_xla_defaults
 
-os.environ["XLA_FLAGS"] = with_xla_cpu_defaults(
+os.environ["XLA_FLAGS"] = with_xla_defaults(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -74,12 +74,12 @@ print("__ynn_fusion" in jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_tex
 
 
 def test_xla_cpu_defaults_added_once_and_user_value_kept():
-    assert host.with_xla_cpu_defaults("") == YNN
+    assert host.with_xla_defaults("") == YNN
     flags = "--xla_force_host_platform_device_count=8"
-    assert host.with_xla_cpu_defaults(f" {flags} ") == f"{flags} {YNN}"
-    assert host.with_xla_cpu_defaults(f"{flags} {YNN}") == f"{flags} {YNN}"
+    assert host.with_xla_defaults(f" {flags} ") == f"{flags} {YNN}"
+    assert host.with_xla_defaults(f"{flags} {YNN}") == f"{flags} {YNN}"
     mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    assert host.with_xla_cpu_defaults(mine) == mine
+    assert host.with_xla_defaults(mine) == mine
 
 
 def _uses_ynn(mode: str, xla_flags: str) -> bool:

@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -317,28 +318,52 @@ def restored_leaves(workdir, shape: dict | None):
     return state, step
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    port = free_port()
-    t0 = time.perf_counter()
-    procs = [
+def two_processes(workdir, port: int, devices: int, *overrides) -> list[subprocess.Popen]:
+    """Start ``train.py`` with ``overrides`` as processes 0 and 1 of a 2-process job, each with
+    ``devices`` simulated CPU devices."""
+    return [
         subprocess.Popen(
             train_cmd(
-                two,
-                *TWO_PROC,
+                workdir,
+                *overrides,
                 f"distributed.coordinator_address=localhost:{port}",
                 "distributed.num_processes=2",
                 f"distributed.process_id={i}",
             ),
             cwd=ROOT,
-            env=cpu_env(4),
+            env=cpu_env(devices),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
+
+
+def same_losses_as_one_process(two, one, devices: int, overrides: tuple[str, ...]) -> None:
+    """Train ``overrides`` in one process with ``devices`` devices into ``one``; its loss at
+    every step equals the multi-process run's in ``two``."""
+    proc = subprocess.run(
+        train_cmd(one, *overrides),
+        cwd=ROOT,
+        env=cpu_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(two), losses(one)
+    steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("train.steps="))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    np.testing.assert_allclose([a[s] for s in b], [b[s] for s in b], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    port = free_port()
+    t0 = time.perf_counter()
+    procs = two_processes(two, port, 4, *TWO_PROC)
     outs = [p.communicate(timeout=500) for p in procs]
     wall = time.perf_counter() - t0
     print(f"two-process run: {wall:.1f} s wall")
@@ -350,18 +375,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     assert len(start) == 1 and start[0]["devices"] == 8  # one writer, the global mesh
     assert start[0]["memory_estimate"]["total"] > 0 and start[0]["memory_compiled"]["total"] > 0
 
-    proc = subprocess.run(
-        train_cmd(one, *TWO_PROC),
-        cwd=ROOT,
-        env=cpu_env(8),
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = losses(two), losses(one)
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5)
+    same_losses_as_one_process(two, one, 8, TWO_PROC)
     # Validation, bits per byte included (bytes are counted once, not once per process).
     val = [[r for r in read_metrics(w) if "val_loss" in r] for w in (two, one)]
     assert [r["step"] for r in val[0]] == [r["step"] for r in val[1]] == [3, 6]
@@ -379,3 +393,48 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
+PREEMPT = (
+    "train.steps=150",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.final_eval=False",
+    "train.checkpoint_every=1000",
+    "mesh.shape.data=1",
+    "mesh.shape.tensor=2",
+)
+
+
+@pytest.mark.slow
+def test_tensor_across_processes_and_sigterm_to_one_of_them(tmp_path):
+    """Two processes x one device with ``tensor=2`` across them (each feeds the whole
+    batch): SIGTERM to process 1 only makes both save the same step and exit 0 within 60 s;
+    the rerun resumes, and the losses of all steps equal one process with two devices."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    procs = two_processes(two, free_port(), 1, *PREEMPT)
+    deadline = time.time() + 300
+    while not any(s >= 3 for s in losses(two)) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert time.time() - t0 < 60
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    saved = [re.findall(r"saved a checkpoint at step (\d+), exiting", err) for _, err in outs]
+    assert saved[0] and saved[0] == saved[1], [err[-2000:] for _, err in outs]
+    stop = int(saved[0][0])
+    assert 3 <= stop < 150
+    rows = read_metrics(two)
+    assert [r["step"] for r in rows if r.get("event") == "preempted"] == [stop]
+
+    rerun = two_processes(two, free_port(), 1, *PREEMPT)
+    outs = [p.communicate(timeout=300) for p in rerun]
+    for p, (_, err) in zip(rerun, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert re.search(rf"resumed \S+ from step {stop}\b", outs[0][1]), outs[0][1][-2000:]
+
+    same_losses_as_one_process(two, one, 2, PREEMPT)

@@ -77,12 +77,16 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_workers: int = 0,
+    start: int = 0,
 ) -> grain.DatasetIterator:
-    """An infinite, seeded iterator of this process's rows of each training batch.
+    """An infinite, seeded iterator of this process's rows of each training batch, from
+    global batch ``start`` on.
 
-    Yields int32 arrays (global_batch // process_count, seq_len + 1). The iterator has
-    ``get_state()`` / ``set_state()`` (exact resume) and works with
-    ``grain.checkpoint.CheckpointSave/CheckpointRestore``. ``num_workers > 0`` reads
+    Yields int32 arrays (global_batch // process_count, seq_len + 1). Batch ``k`` depends
+    only on the seed, the global batch size and ``k``, so a run resumed at step ``k``
+    continues exactly with ``start=k``, on any number of processes (the checkpoint needs no
+    iterator state). The iterator also has ``get_state()`` / ``set_state()``.
+    ``num_workers > 0`` reads
     in that many grain worker processes (outside ``absl.app.run`` call
     ``absl.flags.FLAGS.mark_as_parsed()`` first).
     """
@@ -99,6 +103,8 @@ def train_iterator(
     ds = grain.MapDataset.source(source)  # pyright: ignore[reportArgumentType]
     ds = ds.seed(seed).shuffle().repeat()
     ds = ds.batch(rows, drop_remainder=True)[pi::pc]
+    if start:
+        ds = ds[start:]
     it_ds = ds.to_iter_dataset()
     if num_workers > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
