@@ -294,7 +294,12 @@ class LM(nnx.Module):
         """The residual stream's input ``(b, t, d)`` and the positions ``(b, t)``."""
         b, t = tokens_bt.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed[...], tokens_bt, axis=0) * math.sqrt(self.d_model)
+        # The lookup runs on a replicated table: gathering from a table sharded over
+        # vocab/embed with batch-sharded ids makes XLA replicate and re-partition the result
+        # (an "involuntary full rematerialization") and permute the table; the all-gather
+        # of the table is what FSDP does for every weight anyway.
+        table = constrain(self.embed[...], (None, None))
+        x = jnp.take(table, tokens_bt, axis=0) * math.sqrt(self.d_model)
         if self.pos_embed is not None:
             if t > self.pos_embed.shape[0]:
                 raise ValueError(

@@ -333,19 +333,25 @@ def _value_and_grads(layer, x, r):
     return step(state, x, r)
 
 
-SHARDED_CASES = [  # (dispatch, dropless_impl, (data, expert))
-    ("capacity", "ragged", (1, 8)),
-    ("capacity", "ragged", (2, 4)),
-    ("capacity", "ragged", (8, 1)),
-    ("dropless", "loop", (1, 8)),
-    ("dropless", "loop", (2, 4)),
-    ("dropless", "loop", (8, 1)),
-    ("dropless", "ragged", (2, 4)),
+SHARDED_CASES = [  # (dispatch, dropless_impl, (data, expert, tensor))
+    ("capacity", "ragged", (1, 8, 1)),
+    ("capacity", "ragged", (2, 4, 1)),
+    ("capacity", "ragged", (8, 1, 1)),
+    ("dropless", "loop", (1, 8, 1)),
+    ("dropless", "loop", (2, 4, 1)),
+    ("dropless", "loop", (8, 1, 1)),
+    ("dropless", "ragged", (2, 4, 1)),
+    # Tensor-parallel experts: the hidden dimension split over "tensor", with and without
+    # expert parallelism beside it.
+    ("capacity", "ragged", (2, 2, 2)),
+    ("capacity", "ragged", (4, 1, 2)),
+    ("dropless", "loop", (2, 2, 2)),
+    ("dropless", "ragged", (1, 2, 4)),
 ]
 
 
-def _mesh(data: int, expert: int) -> jax.sharding.Mesh:
-    return sharding.make_mesh(dict(data=data, fsdp=1, expert=expert, tensor=1))
+def _mesh(data: int, expert: int, tensor: int = 1) -> jax.sharding.Mesh:
+    return sharding.make_mesh(dict(data=data, fsdp=1, expert=expert, tensor=tensor))
 
 
 @functools.cache
@@ -362,7 +368,7 @@ def _sharded_inputs():
 @pytest.mark.parametrize(
     "dispatch,impl,mesh_shape",
     SHARDED_CASES,
-    ids=[f"{a}-{b}-{m[0]}x{m[1]}" for a, b, m in SHARDED_CASES],
+    ids=[f"{a}-{b}-{'x'.join(map(str, m))}" for a, b, m in SHARDED_CASES],
 )
 def test_sharded_matches_unsharded(dispatch, impl, mesh_shape):
     layer, ((ref_loss, ref_aux), ref_grads) = _unsharded_reference(dispatch, impl)
@@ -446,7 +452,17 @@ def test_experts_not_divisible_by_expert_axis_raises():
         jax.set_mesh(mesh),
         pytest.raises(ValueError, match="num_experts\\*granularity=4 is not divisible"),
     ):
-        layer(tokens(batch=8, length=4))
+        apply(layer, tokens(batch=8, length=4))
+
+
+def test_expert_width_not_divisible_by_tensor_axis_raises():
+    layer = MoEFFN(D, settings(moe_cfg(), d_ff=12), variant="swiglu", rngs=nnx.Rngs(0))
+    with (
+        sharding.axis_rules(sharding.DEFAULT_RULES),
+        jax.set_mesh(_mesh(1, 1, 8)),
+        pytest.raises(ValueError, match="expert width 12 is not divisible by the 8-way tensor"),
+    ):
+        apply(layer, tokens(batch=8, length=4))
 
 
 def test_moe_cost_by_hand():

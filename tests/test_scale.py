@@ -13,9 +13,11 @@ import time
 from types import SimpleNamespace
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -35,6 +37,7 @@ MESHES = {
     "fsdp8": (dict(fsdp=8), False),
     "data2-fsdp2-tensor2": (dict(data=2, fsdp=2, tensor=2), False),
     "data2-expert4-moe": (dict(data=2, expert=4), True),
+    "fsdp2-expert2-tensor2-moe": (dict(fsdp=2, expert=2, tensor=2), True),
 }
 
 # Parameter path -> partition spec under the default rules; layers are stacked (leading
@@ -162,6 +165,77 @@ def test_memory_estimate_keeps_no_scores_with_fused_attention(monkeypatch):
     assert fused[0] == fused[1] == c.model.n_heads * 4  # one float32 log-sum-exp per head
     c.model.attention = "xla"  # asked for by name: scores again
     assert memory.layer_bytes(model_spec(c.model), 0, 64, mesh, rules)["attention"] == xla[0]
+
+
+def _compiled_step_and_jaxpr(shape: dict, moe: bool, dtype: str = "float32"):
+    """The train step of the tiny model on mesh ``shape`` (optimised HLO text) and the
+    model's forward pass (jaxpr)."""
+    config = tiny(moe, **shape)
+    config.model.dtype = dtype
+    spec = run_spec(config, num_devices=math.prod(shape.values()))
+    rs = build_run_state(spec)
+    b, t = config.data.batch_size, config.data.seq_len + 1
+    abstract = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=rs.batch_sharding)
+    fn = trainer.make_train_step(rs.graphdef, spec.train)
+    with jax.set_mesh(rs.mesh), sharding.axis_rules(rs.rules):
+        jitted = jax.jit(fn, in_shardings=(rs.state_shardings, rs.batch_sharding))
+        hlo = jitted.lower(rs.state, abstract).compile().as_text()
+        graphdef, params = nnx.split(nnx.merge(rs.graphdef, rs.state)[0])
+        jaxpr = jax.make_jaxpr(lambda p, tokens: nnx.merge(graphdef, p)(tokens))(params, abstract)
+    return hlo, jaxpr
+
+
+def _collectives(hlo: str) -> dict[str, int]:
+    ops = re.findall(r" (all-to-all|collective-permute|all-gather|all-reduce)(?:-start)?\(", hlo)
+    return {op: ops.count(op) for op in set(ops)}
+
+
+def _shard_map_operands(jaxpr) -> list[list[tuple]]:
+    """``(aval, in_spec)`` of the operands of every ``shard_map`` in ``jaxpr`` and its
+    sub-jaxprs."""
+    found = [
+        list(zip([v.aval for v in eqn.invars], eqn.params["in_specs"], strict=True))
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "shard_map"
+    ]
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        found += _shard_map_operands(sub)
+    return found
+
+
+@pytest.mark.parametrize(
+    "shape", [dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=4), dict(fsdp=2, expert=4)]
+)
+def test_dense_step_on_a_mesh_moves_no_tokens_between_shards(shape, capfd):
+    """Data/FSDP/tensor parallel dense step: no all-to-all or collective-permute (the
+    embedding lookup on a sharded table and a fused gated matmul concatenated along the
+    tensor-sharded axis made them), and no involuntary full rematerialisation."""
+    hlo, _ = _compiled_step_and_jaxpr(shape, moe=False)
+    found = _collectives(hlo)
+    assert not found.get("all-to-all") and not found.get("collective-permute"), found
+    assert found.get("all-gather") and found.get("all-reduce")  # FSDP and data parallel
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_moe_step_on_a_mesh_exchanges_bf16_expert_weights_and_only_tokens(capfd):
+    """(fsdp, expert, tensor) = (2, 2, 2), bfloat16: the expert weights enter the MoE
+    ``shard_map`` in the compute dtype (only the router logits are float32), split over
+    experts and over their hidden dimension (tensor-parallel experts), tokens move by
+    all-to-all only, and nothing is rematerialised."""
+    hlo, jaxpr = _compiled_step_and_jaxpr(
+        dict(fsdp=2, expert=2, tensor=2), moe=True, dtype="bfloat16"
+    )
+    operands = _shard_map_operands(jaxpr.jaxpr)
+    assert operands
+    for layer in operands:
+        dtypes = [str(aval.dtype) for aval, _ in layer]
+        assert dtypes == ["bfloat16", "float32"] + ["bfloat16"] * 3, dtypes  # x, logits, w
+        weight_specs = {tuple(spec) for _, spec in layer[2:]}
+        # w1/w3 (E, d, f) and w2 (E, f, d): experts over "expert", f over "tensor".
+        assert weight_specs == {("expert", None, "tensor"), ("expert", "tensor", None)}
+    found = _collectives(hlo)
+    assert found.get("all-to-all") and not found.get("collective-permute"), found
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
 def test_rules_in_config_choose_the_sharding():

@@ -55,12 +55,15 @@ from ffn_jax.moe.routing import expert_choice_route
 
 @dataclasses.dataclass(frozen=True)
 class ShardAxes:
-    """Mesh axes seen by ``moe_shard``: the batch axes (psum of the statistics) and the expert
-    axis (``all_to_all``; None = no collectives) of size ``n_expert``."""
+    """Mesh axes seen by ``moe_shard``: the batch axes (psum of the statistics), the expert
+    axis (``all_to_all``; None = no collectives) of size ``n_expert``, and the axis the
+    experts' hidden dimension is sharded over (``tensor``: a ``psum`` of the partial outputs;
+    None = experts not tensor parallel)."""
 
     batch: tuple[str, ...] = ()
     expert: str | None = None
     n_expert: int = 1
+    tensor: str | None = None
 
 
 NO_MESH = ShardAxes()
@@ -75,9 +78,9 @@ def _exchange_and_compute(
 ) -> jax.Array:
     """Run the experts on an ``(E, C, d)`` slot buffer, with the expert-parallel exchange."""
     if axes.expert is None:
-        return dense_experts(buf_ecd, w, act, drop)
+        return dense_experts(buf_ecd, w, act, drop, axes.tensor)
     recv = jax.lax.all_to_all(buf_ecd, axes.expert, 0, 1, tiled=True)  # (E_l, n_ep*C, d)
-    out = dense_experts(recv, w, act, drop)
+    out = dense_experts(recv, w, act, drop, axes.tensor)
     return jax.lax.all_to_all(out, axes.expert, 1, 0, tiled=True)  # (E, C, d)
 
 
@@ -153,12 +156,13 @@ def _grouped(
     act: Activation,
     impl: str,
     drop: HiddenDropout | None = None,
+    tensor: str | None = None,
 ) -> jax.Array:
     """Grouped expert FFN on rows sorted by local expert (ids >= E_l are padding -> 0)."""
     num_local = w["w1"].shape[0]
     group_e = jnp.bincount(expert_n, length=num_local).astype(jnp.int32)
     fn = ragged_experts if impl == "ragged" else tiled_experts
-    y_nd = fn(x_nd, expert_n, group_e, w, act, drop)
+    y_nd = fn(x_nd, expert_n, group_e, w, act, drop, tensor)
     return jnp.where((expert_n < num_local)[:, None], y_nd, 0)
 
 
@@ -173,7 +177,7 @@ def _dropless_exchange(
 ) -> jax.Array:
     """Experts on rows sorted by global expert id, exchanged capacity-free over the expert axis."""
     if axes.expert is None:
-        return _grouped(x_nd, expert_n, w, act, impl, drop)
+        return _grouped(x_nd, expert_n, w, act, impl, drop, axes.tensor)
     n, (rows, d) = axes.n_expert, x_nd.shape
     num_local = w["w1"].shape[0]
     dest_n = expert_n // num_local
@@ -190,7 +194,8 @@ def _dropless_exchange(
     recv_x = jax.lax.all_to_all(send_x, axes.expert, 0, 0, tiled=True).reshape(n * rows, d)
     recv_e = jax.lax.all_to_all(send_e, axes.expert, 0, 0, tiled=True).reshape(n * rows)
     order = jnp.argsort(recv_e, stable=True)
-    out = _grouped(recv_x[order], recv_e[order], w, act, impl, drop)[_inverse(order)]
+    out = _grouped(recv_x[order], recv_e[order], w, act, impl, drop, axes.tensor)
+    out = out[_inverse(order)]
     back_jrd = jax.lax.all_to_all(out.reshape(n, rows, d), axes.expert, 0, 0, tiled=True)
     return back_jrd[dest_n, rank_r - start_j[dest_n]]
 

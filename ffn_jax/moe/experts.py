@@ -18,6 +18,11 @@ Three implementations with identical results:
   expert (every group padded to a multiple of the tile), empty tiles skipped by ``lax.cond``.
   FLOPs = rows + at most one partial tile per expert: the fast dropless choice on CPU.
 
+``tensor`` (a mesh axis name or None) makes the experts tensor parallel inside the MoE
+``shard_map``: the weights hold this shard's slice of the hidden dimension (``w1``/``w3``
+``(E, d, f/n)``, ``w2`` ``(E, f/n, d)``, ``b1``/``b3`` ``(E, f/n)``; ``b2`` whole), each shard
+computes its partial output and a ``psum`` over ``tensor`` sums them before ``b2`` is added.
+
 ``drop`` (a ``HiddenDropout`` or None) is the hidden dropout of the dense FFN
 (``model.dropout``), applied to the hidden activation (the gated product for gated
 variants) before the output matmul, in training only; None (evaluation, or rate 0) leaves
@@ -67,10 +72,26 @@ def _plus_bias(h: jax.Array, w: Weights, name: str, index: jax.Array | None) -> 
     return h + (w[name][:, None] if index is None else w[name][index]).astype(h.dtype)
 
 
+def _sum_shards(y: jax.Array, tensor: str | None) -> jax.Array:
+    """The partial outputs of a tensor-sharded hidden dimension summed over ``tensor``."""
+    return y if tensor is None else jax.lax.psum(y, tensor)
+
+
+def _like_shards(zeros: jax.Array, tensor: str | None) -> jax.Array:
+    """``zeros`` typed as varying over ``tensor``, like a partial output (``lax.cond``'s
+    branches must agree on it inside ``shard_map``)."""
+    return zeros if tensor is None else jax.lax.pcast(zeros, tensor, to="varying")
+
+
 def dense_experts(
-    x_ecd: jax.Array, w: Weights, act: Activation, drop: HiddenDropout | None = None
+    x_ecd: jax.Array,
+    w: Weights,
+    act: Activation,
+    drop: HiddenDropout | None = None,
+    tensor: str | None = None,
 ) -> jax.Array:
-    """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)`` (``drop``: hidden dropout)."""
+    """Every expert on its slot buffer: ``(E, C, d) -> (E, C, d)`` (``drop``: hidden dropout;
+    ``tensor``: the mesh axis the hidden dimension is sharded over, or None)."""
     dt = x_ecd.dtype
     if "w3" in w:  # both halves in one batched matmul, as in the dense FFN
         w13 = jnp.concatenate([w["w1"], w["w3"]], axis=-1).astype(dt)
@@ -80,7 +101,7 @@ def dense_experts(
         h = act(_plus_bias(jnp.einsum("ecd,edf->ecf", x_ecd, w["w1"].astype(dt)), w, "b1", None))
     if drop is not None:
         h = drop(h)
-    y = jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt))
+    y = _sum_shards(jnp.einsum("ecf,efd->ecd", h, w["w2"].astype(dt)), tensor)
     return _plus_bias(y, w, "b2", None)
 
 
@@ -91,6 +112,7 @@ def ragged_experts(
     w: Weights,
     act: Activation,
     drop: HiddenDropout | None = None,
+    tensor: str | None = None,
 ) -> jax.Array:
     """Grouped matmul on rows sorted by ``expert_n`` (padding rows last, any id >= E).
 
@@ -106,7 +128,8 @@ def ragged_experts(
         h = act(h)
     if drop is not None:
         h = drop(h)
-    return _plus_bias(jax.lax.ragged_dot(h, w["w2"].astype(dt), group_sizes_e), w, "b2", e)
+    y = _sum_shards(jax.lax.ragged_dot(h, w["w2"].astype(dt), group_sizes_e), tensor)
+    return _plus_bias(y, w, "b2", e)
 
 
 def _tile_layout(
@@ -134,10 +157,13 @@ def tiled_experts(
     w: Weights,
     act: Activation,
     drop: HiddenDropout | None = None,
+    tensor: str | None = None,
     tile: int = TILE_ROWS,
 ) -> jax.Array:
     """Same contract as ``ragged_experts``, as a scan over single-expert row tiles (the
-    dropout key is folded with the tile index)."""
+    dropout key is folded with the tile index). The tiles run without ``b2``; the partial
+    outputs are summed over ``tensor`` and ``b2`` added per row after the scan, so no
+    collective sits inside the scan's conditional."""
     n, d = x_nd.shape
     tile = min(tile, n)
     num_e = group_sizes_e.shape[0]
@@ -147,12 +173,12 @@ def tiled_experts(
 
     def one_tile(_, inputs):
         x_cd, e, i = inputs
-        w_e = {name: a[jnp.minimum(e, num_e - 1)][None] for name, a in w.items()}
+        w_e = {name: a[jnp.minimum(e, num_e - 1)][None] for name, a in w.items() if name != "b2"}
         drop_i = drop.fold(i) if drop is not None else None
         y_cd = jax.lax.cond(
             e < num_e,
             lambda x, w_e: dense_experts(x[None], w_e, act, drop_i)[0],
-            lambda x, _: jnp.zeros_like(x),
+            lambda x, _: _like_shards(jnp.zeros_like(x), tensor),
             x_cd,
             w_e,
         )
@@ -160,4 +186,5 @@ def tiled_experts(
 
     tile_index = jnp.arange(n_tiles, dtype=jnp.int32)
     _, y_tiles = jax.lax.scan(one_tile, None, (x_tiles, tile_expert, tile_index))
-    return y_tiles.reshape(n_tiles * tile, d).at[dest_n].get(mode="fill", fill_value=0)
+    y_nd = y_tiles.reshape(n_tiles * tile, d).at[dest_n].get(mode="fill", fill_value=0)
+    return _plus_bias(_sum_shards(y_nd, tensor), w, "b2", jnp.minimum(expert_n, num_e - 1))

@@ -9,9 +9,13 @@ expert weights ``w1``/``w3`` ``(E, d_model, f)`` logical ``("expert", "embed", "
 
 Sharding: under an ambient mesh (``jax.set_mesh``) the routed part runs in one
 ``jax.shard_map`` over the whole mesh: tokens are split over the mesh axes of the logical
-``"batch"`` rule, experts over the axis of the ``"expert"`` rule, everything else replicated
-inside (the shard_map gathers FSDP/tensor-sharded expert weights on entry, so experts are not
-tensor-parallel). The router matmul, jitter and the shared expert run outside, under GSPMD.
+``"batch"`` rule, experts over the axis of the ``"expert"`` rule, and the experts' hidden
+dimension over the axis of the ``"mlp"`` rule (tensor-parallel experts: each tensor shard
+computes its slice of the hidden units for the same tokens and a ``psum`` adds the partial
+outputs); FSDP-sharded weights are gathered on entry. The expert weights are cast to the
+compute dtype before they enter, so the gathers and the gradients' reductions move
+``model.dtype`` bytes. The router matmul, jitter and the shared expert run outside, under
+GSPMD.
 Without a mesh the same per-shard function runs directly, with no collectives. The loss-free
 balance bias enters the shard_map replicated; the loads come out psum-ed (replicated), and
 the bias update runs outside it, so every shard sees and computes the same bias.
@@ -42,9 +46,17 @@ from ffn_jax.moe.experts import Weights
 from ffn_jax.moe.routers import ROUTERS, moe_shard
 from ffn_jax.moe.routing import forced_selection, loss_free_update
 from ffn_jax.moe.settings import MoESettings, capacity
-from ffn_jax.sharding import logical_to_spec, param
+from ffn_jax.sharding import constrain, logical_to_spec, param
 
-_EXPERT_NDIM = {"w1": 3, "w3": 3, "w2": 3, "b1": 2, "b3": 2, "b2": 2}  # name -> ndim
+# Expert parameter -> (ndim, the axis of the hidden dimension or None)
+_EXPERT_AXES = {
+    "w1": (3, 2),
+    "w3": (3, 2),
+    "w2": (3, 1),
+    "b1": (2, 1),
+    "b3": (2, 1),
+    "b2": (2, None),
+}
 
 
 class BalanceBias(nnx.Variable[jax.Array]):
@@ -68,17 +80,35 @@ def _as_tuple(target) -> tuple[str, ...]:
     return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
-def shard_axes(num_experts: int) -> ShardAxes:
-    """The batch and expert mesh axes from the ambient mesh and logical rules (ValueError if
-    the expert sharding cannot work)."""
+def _tensor_axis(width: int, batch: tuple[str, ...], expert: tuple[str, ...]) -> str | None:
+    """The mesh axis the experts' hidden dimension is sharded over: the ``"mlp"`` rule's
+    one axis when it splits (size > 1) and shards neither tokens nor experts; else None."""
+    mlp = _as_tuple(logical_to_spec(("mlp",))[0])
+    size = jax.sharding.get_abstract_mesh().shape[mlp[0]] if len(mlp) == 1 else 1
+    if size == 1 or mlp[0] in batch + expert:
+        return None
+    if width % size:
+        raise ValueError(
+            f"MoE expert width {width} is not divisible by the {size}-way tensor axis "
+            f"{mlp[0]!r} (experts are tensor parallel); change model.d_ff / "
+            "model.moe.granularity or mesh.shape"
+        )
+    return mlp[0]
+
+
+def shard_axes(num_experts: int, width: int) -> ShardAxes:
+    """The batch, expert and tensor mesh axes from the ambient mesh and logical rules
+    (ValueError if the expert or tensor sharding cannot work); ``width`` is the experts'
+    hidden width."""
     mesh = jax.sharding.get_abstract_mesh()
     batch = _as_tuple(logical_to_spec(("batch",))[0])
     expert = _as_tuple(logical_to_spec(("expert",))[0])
     if len(expert) > 1:
         raise ValueError(f"mesh.rules: 'expert' maps to {expert}; map it to one mesh axis")
+    tensor = _tensor_axis(width, batch, expert)
     n = mesh.shape[expert[0]] if expert else 1
     if not expert or (n == 1 and expert[0] not in batch):
-        return ShardAxes(batch=batch)  # experts not split, tokens not over their axis
+        return ShardAxes(batch=batch, tensor=tensor)  # experts not split over a batch axis
     if num_experts % n:
         raise ValueError(
             f"model.moe.num_experts*granularity={num_experts} is not divisible by the expert "
@@ -89,7 +119,7 @@ def shard_axes(num_experts: int) -> ShardAxes:
             f"mesh.rules: 'batch' must include the expert mesh axis {expert[0]!r} (size {n}) "
             "so that tokens are split over expert shards"
         )
-    return ShardAxes(batch=batch, expert=expert[0], n_expert=n)
+    return ShardAxes(batch=batch, expert=expert[0], n_expert=n, tensor=tensor)
 
 
 def run_routed(
@@ -131,7 +161,7 @@ def run_routed(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(x_bld, logits_ble, w, extras, NO_MESH)
-    axes = shard_axes(s.num_experts)
+    axes = shard_axes(s.num_experts, s.expert_width)
     shards = math.prod(mesh.shape[a] for a in axes.batch)
     if x_bld.shape[0] % shards:
         raise ValueError(
@@ -139,7 +169,12 @@ def run_routed(
             f"batch sharding over {axes.batch}; change data.batch_size or mesh.shape"
         )
     tokens = P(axes.batch or None, None, None)
-    w_specs = {name: P(axes.expert, *(None,) * (_EXPERT_NDIM[name] - 1)) for name in w}
+    w_specs = {}
+    for name in w:
+        ndim, hidden = _EXPERT_AXES[name]
+        w_specs[name] = P(
+            axes.expert, *(axes.tensor if i == hidden else None for i in range(1, ndim))
+        )
     sharded = jax.shard_map(
         functools.partial(fn, axes=axes),
         in_specs=(tokens, tokens, w_specs, P()),
@@ -250,7 +285,9 @@ class MoEFFN(nnx.Module):
         if self.rngs is not None and self.settings.jitter > 0 and not self.deterministic:
             eps = self.settings.jitter
             x = x * jax.random.uniform(self.rngs(), x.shape, jnp.float32, 1 - eps, 1 + eps)
-        logits = x @ self.router[...].astype(jnp.float32)
+        # Replicated (it is small): an FSDP-sharded router meets batch-sharded tokens through
+        # collective-permutes otherwise.
+        logits = x @ constrain(self.router[...], (None, None)).astype(jnp.float32)
         if self.router_bias is not None:
             logits = logits + self.router_bias[...].astype(jnp.float32)
         return logits
@@ -271,10 +308,11 @@ class MoEFFN(nnx.Module):
             assert self.rngs is not None
             key = jax.random.key(0) if self.deterministic else self.rngs()
             routing_key = jax.random.key_data(key)
+        weights = {name: a.astype(self.dtype) for name, a in self.expert_weights().items()}
         y, aux, load_e = run_routed(
             x_btd.astype(self.dtype),
             logits,
-            self.expert_weights(),
+            weights,
             s=s,
             act=self.activation,
             capacity_factor=cf,

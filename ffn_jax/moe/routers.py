@@ -222,7 +222,7 @@ def moe_shard(
 
     ``dropout_key`` (raw ``uint32`` key data, the same on every shard; None = no dropout)
     turns on the experts' hidden dropout of rate ``s.dropout``; it is folded with this
-    shard's index over the batch and expert axes, so shards draw independent masks.
+    shard's index over the batch, expert and tensor axes, so shards draw independent masks.
     ``bias_e (E,)`` (replicated): the loss-free balance bias, added to the scores for the
     selection only. Under ``s.routing`` ``balanced`` or ``random`` a forced selection
     (``forced_selection``) replaces it, over this shard's tokens; ``random`` draws from
@@ -237,7 +237,9 @@ def moe_shard(
     drop = None
     if dropout_key is not None and s.dropout > 0:
         key = jax.random.wrap_key_data(dropout_key)
-        mesh_axes = tuple(dict.fromkeys(axes.batch + ((axes.expert,) if axes.expert else ())))
+        # The tensor axis too: its shards hold different hidden units of the same tokens.
+        own = tuple(a for a in (axes.expert, axes.tensor) if a)
+        mesh_axes = tuple(dict.fromkeys(axes.batch + own))
         if mesh_axes:
             key = jax.random.fold_in(key, jax.lax.axis_index(mesh_axes))
         drop = HiddenDropout(s.dropout, key)
