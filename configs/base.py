@@ -158,6 +158,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     moe.renormalize = True  # top_k >= 2: renormalise the selected weights to sum to 1
     moe.dispatch = "capacity"  # "capacity" (drop over capacity) or "dropless"
     moe.dropless_impl = "ragged"  # dropless grouped matmul: "ragged" (ragged_dot) or "loop"
+    # Dropless token exchange over the expert axis: "ragged" (ragged_all_to_all: exact bytes;
+    # GPU/TPU, emulated elsewhere), "padded" (worst-case buffers), "auto" (ragged on GPU/TPU)
+    moe.exchange = "auto"
     moe.capacity_factor = 1.25  # training capacity = factor * k * tokens / experts
     # Evaluation: 0 = dropless (no token's score depends on other sequences; expert choice,
     # which has no dropless path, then uses capacity_factor), > 0 = that capacity factor.
@@ -236,7 +239,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
     # ---- mesh -------------------------------------------------------------------------
     mesh = c.mesh = config_dict.ConfigDict()
+    # total axis sizes (one may be -1 = the rest); in a multi-slice job each slice holds a
+    # shape / dcn_shape block
     mesh.shape = config_dict.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # TPU slices along each axis (multi-slice over DCN; product = slice count; all 1 = one slice)
+    mesh.dcn_shape = config_dict.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
+    # let a mesh axis take part of a physical TPU torus axis (e.g. 8 of a 4x4x4 torus)
+    mesh.allow_split_physical_axes = False
     mesh.rules = [list(r) if isinstance(r, tuple) else r for r in _default_rules()]
 
     # ---- multi-host (docs/scaling.md) -------------------------------------------------

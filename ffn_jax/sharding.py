@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -119,14 +120,106 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes of ``shape`` (axis -> size,
-    one may be -1; ``MeshSpec.shape`` is already resolved) over ``devices`` (default all)."""
-    devices = list(devices if devices is not None else jax.devices())
+def resolve_dcn_shape(dcn_shape: Mapping[str, int] | None) -> dict[str, int]:
+    """``mesh.dcn_shape`` (axis -> slices along it, missing axes 1) checked: mesh axes only,
+    positive integer sizes (no -1)."""
+    dcn_shape = dict(dcn_shape or {})
+    for a, s in dcn_shape.items():
+        if a not in MESH_AXES:
+            raise ValueError(f"mesh.dcn_shape.{a}: unknown mesh axis; use one of {MESH_AXES}")
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(
+                f"mesh.dcn_shape.{a}={s!r}: sizes must be positive integers (the slices "
+                "along that axis; 1 = within a slice)"
+            )
+    return {a: int(dcn_shape.get(a, 1)) for a in MESH_AXES}
+
+
+def ici_shape(shape: Mapping[str, int], dcn_shape: Mapping[str, int]) -> dict[str, int]:
+    """The per-slice (ICI) axis sizes: the total, resolved ``shape`` divided by the slices
+    along each axis (``dcn_shape``); ValueError naming the axis when one does not divide."""
+    for a in MESH_AXES:
+        if shape[a] % dcn_shape[a]:
+            raise ValueError(
+                f"mesh.shape.{a}={shape[a]} is not a multiple of mesh.dcn_shape.{a}="
+                f"{dcn_shape[a]}; mesh.shape is the total size (slices x devices per slice)"
+            )
+    return {a: shape[a] // dcn_shape[a] for a in MESH_AXES}
+
+
+# Device kinds on which jax.make_mesh splits physical axes by itself; kept so that a mesh
+# builds on them exactly as it did through jax.make_mesh.
+_SPLIT_BY_DEFAULT = ("TPU v5 lite", "TPU v5e")
+
+
+def mesh_devices(
+    shape: Mapping[str, int],
+    devices: Sequence[Any],
+    *,
+    dcn_shape: Mapping[str, int] | None = None,
+    allow_split_physical_axes: bool = False,
+) -> np.ndarray:
+    """The device array, axes ``MESH_AXES``, of a mesh of total axis sizes ``shape`` (one may
+    be -1) over ``devices``.
+
+    ``dcn_shape`` (default all 1) spreads axes across TPU slices (``device.slice_index``):
+    each slice holds a ``shape / dcn_shape`` (ICI) block, and along an axis the slices come
+    one after the other (``jax.experimental.mesh_utils.create_hybrid_device_mesh``).
+    ``allow_split_physical_axes`` lets a mesh axis take part of a physical torus axis (also
+    allowed on TPU v5e, as ``jax.make_mesh`` does). On devices without a topology (CPU)
+    the devices are laid out in order, as ``jax.make_mesh`` does. ValueError with the field
+    and the fix when the shape does not fit the devices.
+    """
+    devices = list(devices)
     sizes = resolve_mesh_shape(dict(shape), len(devices))
-    axis_sizes = tuple(sizes[a] for a in MESH_AXES)
+    dcn = resolve_dcn_shape(dcn_shape)
+    ici = ici_shape(sizes, dcn)
+    slices = math.prod(dcn.values())
+    found = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1 and not hasattr(devices[0], "slice_index"):
+        raise ValueError(
+            f"mesh.dcn_shape={dcn} asks for {slices} slices but {devices[0].platform} devices "
+            "have no slice_index (multi-slice TPU only); set every mesh.dcn_shape axis to 1"
+        )
+    if found != slices:
+        raise ValueError(
+            f"mesh.dcn_shape={dcn} multiplies to {slices} but the devices span {found} "
+            f"slice(s); make the product {found} (e.g. --config.mesh.dcn_shape.data={found})"
+        )
+    split = allow_split_physical_axes or devices[0].device_kind in _SPLIT_BY_DEFAULT
+    try:
+        if slices == 1:
+            return mesh_utils.create_device_mesh(
+                tuple(ici.values()), devices, allow_split_physical_axes=split
+            )
+        return mesh_utils.create_hybrid_device_mesh(
+            tuple(ici.values()), tuple(dcn.values()), devices, allow_split_physical_axes=split
+        )
+    except NotImplementedError:  # jax's "Failed to find assignment" (a documented type)
+        raise ValueError(
+            f"mesh.shape={sizes} (per slice {ici}) does not fit the "
+            f"{devices[0].device_kind} torus without splitting a physical axis; set "
+            "--config.mesh.allow_split_physical_axes=True or use products of its dimensions"
+        ) from None
+
+
+def make_mesh(
+    shape: Mapping[str, int],
+    devices: Sequence[Any] | None = None,
+    *,
+    dcn_shape: Mapping[str, int] | None = None,
+    allow_split_physical_axes: bool = False,
+) -> jax.sharding.Mesh:
+    """A (data, fsdp, expert, tensor) mesh of Auto (GSPMD) axes of total sizes ``shape``
+    (axis -> size, one may be -1; ``MeshSpec.shape`` is already resolved) over ``devices``
+    (default all), laid out by :func:`mesh_devices` (``dcn_shape``: slices along each axis
+    of a multi-slice TPU job; ``allow_split_physical_axes``: see there)."""
+    devices = list(devices if devices is not None else jax.devices())
+    array = mesh_devices(
+        shape, devices, dcn_shape=dcn_shape, allow_split_physical_axes=allow_split_physical_axes
+    )
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(axis_sizes, MESH_AXES, axis_types=auto, devices=devices)
+    return jax.sharding.Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def single_device_mesh() -> jax.sharding.Mesh:

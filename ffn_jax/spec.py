@@ -14,7 +14,8 @@ Each derived value is computed here and only here:
   a tokenizer.json: read from it) padded up to ``model.vocab_multiple_of``;
 * ``ModelSpec.moe`` (:class:`~ffn_jax.moe.settings.MoESettings`) and ``ffn_kinds``, the
   FFN of every layer (``"dense"`` or ``"moe"``);
-* ``MeshSpec.shape``: ``mesh.shape`` with its ``-1`` resolved against the device count.
+* ``MeshSpec.shape``: ``mesh.shape`` with its ``-1`` resolved against the device count (the
+  total axis sizes; a multi-slice job's per-slice sizes are ``shape / dcn_shape``).
 
 Field metadata says what may differ where: ``resumable`` fields may change when a run is
 resumed (they do not change what is computed); ``shared`` fields must be equal across the
@@ -23,17 +24,19 @@ runs of one comparison (unless a sweep varies them). ``config_field_names`` list
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ffn_jax import data as data_lib
 from ffn_jax import ffn as ffn_lib
 from ffn_jax import model as model_lib
 from ffn_jax import optim, sharding
+from ffn_jax.moe.exchange import EXCHANGES
 from ffn_jax.moe.routers import ROUTERS
 from ffn_jax.moe.settings import (
     AUX_SCOPES,
@@ -42,6 +45,9 @@ from ffn_jax.moe.settings import (
     ROUTING_MODES,
     MoESettings,
 )
+
+if TYPE_CHECKING:
+    import jax
 
 # Fields added after runs were already written: a config without them means these.
 LEGACY_DEFAULTS: dict[str, Any] = {
@@ -57,6 +63,9 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.moe.balance_rate": 1e-3,
     "model.moe.aux_scope": "batch",
     "model.moe.routing": "learned",
+    "model.moe.exchange": "padded",
+    "mesh.dcn_shape": {a: 1 for a in sharding.MESH_AXES},  # one slice
+    "mesh.allow_split_physical_axes": False,
 }
 
 
@@ -173,10 +182,23 @@ class TrainSpec:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-    """The device mesh: ``shape`` (axis -> size, resolved) and the logical -> mesh rules."""
+    """The device mesh: ``shape`` (axis -> total size, resolved), the logical -> mesh rules,
+    ``dcn_shape`` (axis -> TPU slices along it; all 1 = one slice) and whether a mesh axis
+    may split a physical torus axis (``sharding.mesh_devices``)."""
 
     shape: Mapping[str, int] = _field(resumable=True)
     rules: sharding.Rules = _field(resumable=True)
+    dcn_shape: Mapping[str, int] = _field(resumable=True)
+    allow_split_physical_axes: bool = _field(resumable=True)
+
+    def build(self, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+        """This mesh on ``devices`` (default: all of jax's)."""
+        return sharding.make_mesh(
+            self.shape,
+            devices,
+            dcn_shape=self.dcn_shape,
+            allow_split_physical_axes=self.allow_split_physical_axes,
+        )
 
     def ways(self, logical: str) -> int:
         """How many ways the mesh splits the logical axis ``logical``."""
@@ -252,7 +274,7 @@ def upgrade(raw: Mapping[str, Any]) -> dict:
         node = out
         for part in path:
             node = node.setdefault(part, {})
-        node.setdefault(name, default)
+        node.setdefault(name, copy.deepcopy(default))  # defaults may be dicts
     if "group" not in out and "name" in out:
         # Runs written before sweeps stored their group: "<variant>-s<seed>" names.
         m = re.fullmatch(r"(.+)-s(\d+)", str(out["name"]))
@@ -369,6 +391,7 @@ def _moe_problems(moe: Mapping[str, Any], n_layers: int, d_ff: int | None) -> li
         return []
     p = _choice("model.moe.router", moe["router"], ROUTERS)
     p += _choice("model.moe.dropless_impl", moe["dropless_impl"], DROPLESS_IMPLS)
+    p += _choice("model.moe.exchange", moe["exchange"], EXCHANGES)
     router = ROUTERS.get(moe["router"])
     if router is not None and moe["dispatch"] not in router.dispatches:
         p.append(
@@ -580,14 +603,29 @@ def model_spec(m: Mapping[str, Any], vocab_size: int | None = None) -> ModelSpec
 
 def mesh_spec(mesh: Mapping[str, Any], num_devices: int) -> MeshSpec:
     """The :class:`MeshSpec` of a ``config.mesh`` block on ``num_devices`` devices (raises
-    ConfigError naming the field)."""
-    mesh = to_dict(mesh)
-    try:
-        rules = sharding.parse_rules(mesh["rules"])
-        shape = sharding.resolve_mesh_shape(mesh["shape"], num_devices)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return MeshSpec(shape=shape, rules=rules)
+    ConfigError with every problem, each naming its field)."""
+    mesh = upgrade({"mesh": to_dict(mesh)})["mesh"]
+    p: list[str] = []
+
+    def checked(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or None with its ValueError added to the problems."""
+        try:
+            return fn(*args)
+        except ValueError as e:
+            p.append(str(e))
+
+    rules = checked(sharding.parse_rules, mesh["rules"])
+    shape = checked(sharding.resolve_mesh_shape, mesh["shape"], num_devices)
+    dcn_shape = checked(sharding.resolve_dcn_shape, mesh["dcn_shape"])
+    if shape is not None and dcn_shape is not None:
+        checked(sharding.ici_shape, shape, dcn_shape)
+    split = mesh["allow_split_physical_axes"]
+    if not isinstance(split, bool):
+        p.append(f"mesh.allow_split_physical_axes={split!r} must be True or False")
+    if p:
+        raise ConfigError(p)
+    assert rules is not None and shape is not None and dcn_shape is not None
+    return MeshSpec(shape=shape, rules=rules, dcn_shape=dcn_shape, allow_split_physical_axes=split)
 
 
 def distributed_spec(dist: Any) -> DistributedSpec:
@@ -623,6 +661,8 @@ def from_config(
     raw = upgrade(raw)
     if mesh_shape is not None:
         raw["mesh"]["shape"] = dict(mesh_shape)
+        # The mesh is given: how the run's own mesh spread over slices does not apply to it.
+        raw["mesh"]["dcn_shape"] = {a: 1 for a in sharding.MESH_AXES}
         num_devices = math.prod(mesh_shape.values())
     num_devices = num_devices or jax.device_count()
     d, t, m = raw["data"], raw["train"], raw["model"]

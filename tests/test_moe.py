@@ -347,6 +347,10 @@ SHARDED_CASES = [  # (dispatch, dropless_impl, (data, expert, tensor))
     ("capacity", "ragged", (4, 1, 2)),
     ("dropless", "loop", (2, 2, 2)),
     ("dropless", "ragged", (1, 2, 4)),
+    # The ragged exchange (emulated on CPU: ffn_jax/moe/exchange.py).
+    ("dropless-ragged_exchange", "loop", (2, 4, 1)),
+    ("dropless-ragged_exchange", "ragged", (1, 8, 1)),
+    ("dropless-ragged_exchange", "loop", (1, 4, 2)),
 ]
 
 
@@ -371,9 +375,14 @@ def _sharded_inputs():
     ids=[f"{a}-{b}-{'x'.join(map(str, m))}" for a, b, m in SHARDED_CASES],
 )
 def test_sharded_matches_unsharded(dispatch, impl, mesh_shape):
+    dispatch, _, exchange = dispatch.partition("-")
     layer, ((ref_loss, ref_aux), ref_grads) = _unsharded_reference(dispatch, impl)
     mesh, rules = _mesh(*mesh_shape), sharding.DEFAULT_RULES
     graphdef, state = nnx.split(layer)
+    if exchange:  # the same layer with another exchange (a static setting)
+        cfg = moe_cfg(dispatch=dispatch, dropless_impl=impl, capacity_factor=100.0)
+        cfg.exchange = exchange.removesuffix("_exchange")
+        graphdef = nnx.split(make_layer(cfg, use_bias=True))[0]
     with sharding.axis_rules(rules), jax.set_mesh(mesh):
         state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
         assert state["w1"][...].sharding.spec[0] == "expert"

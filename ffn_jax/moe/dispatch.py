@@ -24,9 +24,11 @@ Dispatch paths (all index based: no ``tokens x experts x capacity`` one-hot tens
   every backend, at the cost of computing empty slots (``capacity_factor * k`` expert
   applications per token).
 * **dropless** (token choice): assignments are sorted by expert; the rows for expert shard
-  ``j`` form one contiguous segment. There is no ragged all-to-all on XLA:CPU, so the exchange
-  is capacity-free but dense: each shard sends every expert shard a ``t*k``-row buffer (room
-  for the worst case, zero-padded), i.e. ``n_ep`` times the bytes of an exact exchange. Each
+  ``j`` form one contiguous segment. The exchange is capacity-free (``model.moe.exchange``,
+  ``exchange.py``): ``ragged`` sends each segment exactly by ``ragged_all_to_all`` (GPU/TPU;
+  emulated elsewhere), ``padded`` sends every expert shard a ``t*k``-row buffer (room for the
+  worst case, zero-padded), ``n_ep`` times the bytes of an exact exchange, the path on
+  XLA:CPU, which has no ragged all-to-all. Each
   expert shard sorts what it received by local expert and runs a grouped matmul
   (``dropless_impl``: ``ragged`` = ``jax.lax.ragged_dot``, for GPU/TPU; ``loop`` = a scan
   over one-expert row tiles, fast on CPU; see ``experts.py``). Nothing is dropped.
@@ -42,6 +44,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ffn_jax.moe.exchange import ragged_exchange, uses_ragged
 from ffn_jax.moe.experts import (
     Activation,
     HiddenDropout,
@@ -174,12 +177,23 @@ def _dropless_exchange(
     impl: str,
     axes: ShardAxes,
     drop: HiddenDropout | None = None,
+    exchange: str = "padded",
 ) -> jax.Array:
-    """Experts on rows sorted by global expert id, exchanged capacity-free over the expert axis."""
+    """Experts on rows sorted by global expert id, exchanged capacity-free over the expert
+    axis, by the ``exchange`` of ``model.moe.exchange``."""
     if axes.expert is None:
         return _grouped(x_nd, expert_n, w, act, impl, drop, axes.tensor)
     n, (rows, d) = axes.n_expert, x_nd.shape
     num_local = w["w1"].shape[0]
+
+    def compute(recv_x: jax.Array, recv_e: jax.Array) -> jax.Array:
+        """The local experts on received rows (any order; id ``num_local`` = nothing)."""
+        order = jnp.argsort(recv_e, stable=True)
+        out = _grouped(recv_x[order], recv_e[order], w, act, impl, drop, axes.tensor)
+        return out[_inverse(order)]
+
+    if uses_ragged(exchange):
+        return ragged_exchange(x_nd, expert_n, num_local, axes.expert, n, compute)
     dest_n = expert_n // num_local
     count_j = jnp.bincount(dest_n, length=n)
     start_j = jnp.cumsum(count_j) - count_j
@@ -193,9 +207,7 @@ def _dropless_exchange(
     send_e = jnp.where(valid_jr, local_jr, num_local)
     recv_x = jax.lax.all_to_all(send_x, axes.expert, 0, 0, tiled=True).reshape(n * rows, d)
     recv_e = jax.lax.all_to_all(send_e, axes.expert, 0, 0, tiled=True).reshape(n * rows)
-    order = jnp.argsort(recv_e, stable=True)
-    out = _grouped(recv_x[order], recv_e[order], w, act, impl, drop, axes.tensor)
-    out = out[_inverse(order)]
+    out = compute(recv_x, recv_e)
     back_jrd = jax.lax.all_to_all(out.reshape(n, rows, d), axes.expert, 0, 0, tiled=True)
     return back_jrd[dest_n, rank_r - start_j[dest_n]]
 
@@ -209,13 +221,14 @@ def dropless_dispatch(
     impl: str,
     axes: ShardAxes,
     drop: HiddenDropout | None = None,
+    exchange: str = "padded",
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """Token choice without capacity (``expert_tk``/``weight_tk`` ``(t, k)``). Returns
-    ``(y_td, count_e, 0, t*k)``."""
+    """Token choice without capacity (``expert_tk``/``weight_tk`` ``(t, k)``), tokens sent
+    by ``exchange`` (``model.moe.exchange``). Returns ``(y_td, count_e, 0, t*k)``."""
     t, k = expert_tk.shape
     expert_a = expert_tk.reshape(-1)  # token-major
     order = jnp.argsort(expert_a, stable=True)
-    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes, drop)
+    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes, drop, exchange)
     y_tkd = y_sd[_inverse(order)].reshape(t, k, -1)
     y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     count_e = jnp.bincount(expert_a, length=w["w1"].shape[0] * axes.n_expert)

@@ -76,7 +76,9 @@ def _dispatch_token_choice(
 ) -> RouteOut:
     if s.dispatch == "capacity":
         return capacity_dispatch(x_td, expert_tk, weight_tk, w, act, cap, axes, length, drop)
-    return dropless_dispatch(x_td, expert_tk, weight_tk, w, act, s.dropless_impl, axes, drop)
+    return dropless_dispatch(
+        x_td, expert_tk, weight_tk, w, act, s.dropless_impl, axes, drop, s.exchange
+    )
 
 
 def _token_choice(

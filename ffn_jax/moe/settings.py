@@ -73,6 +73,7 @@ class MoESettings:
     balance_rate: float = 1e-3  # loss_free: the bias step per training forward pass
     aux_scope: str = "batch"  # one of AUX_SCOPES: f_i, P_i of lb_loss per batch or sequence
     routing: str = "learned"  # one of ROUTING_MODES: "balanced"/"random" force the selection
+    exchange: str = "auto"  # dropless token exchange: one of ffn_jax.moe.exchange.EXCHANGES
 
     @classmethod
     def from_block(cls, moe: Mapping[str, Any], d_ff: int, dropout: float = 0.0) -> MoESettings:
@@ -102,6 +103,7 @@ class MoESettings:
             balance_rate=float(moe.get("balance_rate", 1e-3)),
             aux_scope=str(moe.get("aux_scope", "batch")),
             routing=str(moe.get("routing", "learned")),
+            exchange=str(moe.get("exchange", "padded")),
         )
 
     @property
