@@ -179,7 +179,7 @@ def main() -> int:
     ap.add_argument(
         "--attention",
         default="auto",
-        help="comma-separated model.attention values (auto, xla, cudnn)",
+        help="comma-separated model.attention values (auto, xla, cudnn, splash)",
     )
     ap.add_argument("--steps", type=int, default=7, help="timed steps (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (tests)")

@@ -91,10 +91,10 @@ def layer_bytes(m: ModelSpec, layer: int, seq_len: int, mesh: jax.sharding.Mesh,
     tp = _ways("act_heads", mesh, rules)
     d, n, k, h = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim
     ffn = _ffn_parts(m, layer, _ways("act_mlp", mesh, rules))
-    # cuDNN flash attention keeps a float32 log-sum-exp per query row; XLA's the scores in
-    # the compute dtype and the softmax in float32.
-    cudnn = m.attention_impl == "cudnn"
-    attention = n / tp * 4 if cudnn else n / tp * seq_len * (a + 4)
+    # Fused (flash) attention, cuDNN's or splash, keeps a float32 log-sum-exp per query row;
+    # XLA's the scores in the compute dtype and the softmax in float32.
+    fused = m.attention_impl in ("cudnn", "splash")
+    attention = n / tp * 4 if fused else n / tp * seq_len * (a + 4)
     return {
         "stream": 2 * d * a,
         "matmul": a * ((2 * n + 2 * k) * h / tp + d + ffn["matmul"]),

@@ -28,6 +28,7 @@ from flax import nnx
 
 from ffn_jax import ffn as ffn_lib
 from ffn_jax.sharding import constrain, param
+from ffn_jax.splash import splash_attention
 
 if TYPE_CHECKING:
     from ffn_jax.spec import ModelSpec
@@ -36,7 +37,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,15 +56,18 @@ def get_dtype(name: str) -> jnp.dtype:
 def attention_impl(name: str, dtype, head_dim: int) -> str:
     """The ``jax.nn.dot_product_attention`` implementation that ``model.attention=name`` runs.
 
-    ``"auto"`` picks cuDNN's fused (flash) attention where it applies: an NVIDIA GPU, a
-    bfloat16/float16 compute dtype and a head dim that is a multiple of 8 and at most 128;
-    otherwise XLA's, which materialises the ``(b, n, t, t)`` scores. (JAX's own
-    ``implementation=None`` always means XLA.) ``"xla"``/``"cudnn"`` force one; cuDNN raises
-    at trace time where it does not apply.
+    ``"auto"`` picks a fused (flash) kernel where one applies: on TPU, the Pallas splash
+    kernel (``ffn_jax.splash``); on an NVIDIA GPU, cuDNN's, given a bfloat16/float16 compute
+    dtype and a head dim that is a multiple of 8 and at most 128; otherwise XLA's, which
+    materialises the ``(b, n, t, t)`` scores. (JAX's own ``implementation=None`` always
+    means XLA.) ``"xla"``/``"cudnn"``/``"splash"`` force one; cuDNN raises at trace time
+    where it does not apply, and splash runs interpreted (slowly) off TPU.
     """
     if name != "auto":
         return name
     device = jax.devices()[0]
+    if device.platform == "tpu":
+        return "splash"
     fused = (
         device.platform == "gpu"
         and device.device_kind.startswith("NVIDIA")
@@ -140,8 +144,11 @@ class Attention(nnx.Module):
         names = ("batch", "length", "act_heads", None)
         q, k = constrain(q, names), constrain(k, names)
         v = constrain(v, names)
-        impl = cast(Literal["xla", "cudnn"], self.impl)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        if self.impl == "splash":
+            o = splash_attention(q, k, v)
+        else:
+            impl = cast(Literal["xla", "cudnn"], self.impl)
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         return jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(self.dtype))
 
 

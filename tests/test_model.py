@@ -275,6 +275,7 @@ def test_original_preset_trains_with_dropout():
 GPUS = {
     "h100": SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"),
     "amd": SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"),
+    "tpu": SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"),
 }
 
 
@@ -287,6 +288,8 @@ GPUS = {
         ("h100", jnp.bfloat16, 12, "xla"),  # head dim not a multiple of 8
         ("h100", jnp.bfloat16, 192, "xla"),  # above 128
         ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
+        ("tpu", jnp.bfloat16, 64, "splash"),  # Pallas splash attention on TPU
+        ("tpu", jnp.float32, 12, "splash"),
     ],
 )
 def test_auto_attention_is_fused_only_where_cudnn_applies(
@@ -296,6 +299,37 @@ def test_auto_attention_is_fused_only_where_cudnn_applies(
     assert attention_impl("auto", dtype, head_dim) == expected
     assert attention_impl("xla", dtype, head_dim) == "xla"  # a named one is kept as asked
     assert attention_impl("cudnn", jnp.float32, head_dim) == "cudnn"
+
+
+def test_splash_attention_needs_blocks_of_128():
+    with pytest.raises(ValueError, match="needs data.seq_len a multiple of 128, got .* 96"):
+        LM(tiny_model(attention="splash"), rngs=nnx.Rngs(0))(tokens(2, 96))
+
+
+@pytest.mark.parametrize("shape", [None, dict(data=2, fsdp=2, tensor=2)])
+def test_splash_attention_equals_xla(shape):
+    """The splash kernel (interpreted on CPU) gives XLA's loss and gradients, on one device
+    and in its shard_map over batch and head shards."""
+    cfg = dict(n_heads=4, n_kv_heads=2, vocab_size=96)
+    toks = tokens(4, 128, vocab=96)  # the kernel's blocks are multiples of 128
+    l_ref, g_ref = loss_and_grads(LM(tiny_model(**cfg, attention="xla"), rngs=nnx.Rngs(0)), toks)
+    splash = tiny_model(**cfg, attention="splash")
+    assert splash.attention_impl == "splash"
+    if shape is None:
+        loss, grads = loss_and_grads(LM(splash, rngs=nnx.Rngs(0)), toks)
+    else:
+        rules = sharding.DEFAULT_RULES
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
+        with sharding.axis_rules(rules):
+            model = sharding.create_sharded(lambda: LM(splash, rngs=nnx.Rngs(0)), mesh, rules)
+            graphdef, state = nnx.split(model)
+            f = jax.jit(lambda state, toks: loss_and_grads(nnx.merge(graphdef, state), toks))
+            with jax.set_mesh(mesh):
+                spec = sharding.logical_to_spec(("batch", None))
+                loss, grads = f(state, jax.device_put(toks, jax.NamedSharding(mesh, spec)))
+    np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_default_attention_is_auto_and_xla_on_cpu():
