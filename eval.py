@@ -5,6 +5,15 @@ python eval.py --workdir=runs/swiglu --sample="ROMEO:" --temperature=0.8
 python eval.py --workdir=runs/compare          # a sweep: results.md, results.csv, plots
 python eval.py --workdir=runs/swiglu --inspect --layers=0,1 --neurons=8 --contexts=5
                                                # inspect.md: key-value memories, experts
+python eval.py --workdir=gs://bucket/runs/swiglu   # an object-store workdir (pip install .[gcs])
+
+Multi-process: every process runs the same command with ``--distributed.*`` (the fields of
+train.py's ``--config.distributed.*``; on a TPU pod or SLURM step they are detected), e.g.
+process ``i`` of two::
+
+    python eval.py --workdir=/shared/run --sample="ROMEO:" \
+        --distributed.coordinator_address=host0:1234 --distributed.num_processes=2 \
+        --distributed.process_id=$i
 """
 
 from ffn_jax.host import prepare_process
@@ -13,7 +22,9 @@ prepare_process()  # XLA:CPU flags, then huge-page malloc (ffn_jax/host.py)
 
 from absl import app, flags  # noqa: E402
 
+from configs.base import get_config  # noqa: E402
 from ffn_jax.cli import parse_flags, run_eval, run_inspect  # noqa: E402
+from ffn_jax.spec import distributed_spec, to_dict  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A run directory or a sweep directory.", required=True)
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -32,6 +43,12 @@ flags.DEFINE_integer("neurons", 8, "--inspect: neurons listed per dense layer.")
 flags.DEFINE_integer("contexts", 5, "--inspect: top-activating contexts per neuron.")
 flags.DEFINE_integer("windows", 64, "--inspect: validation windows scanned.")
 flags.DEFINE_bool("experts", None, "--inspect: expert specialisation (default: for MoE runs).")
+DISTRIBUTED = to_dict(get_config().distributed)  # train.py's config.distributed defaults
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}
+for _field, _default in DISTRIBUTED.items():
+    _DEFINE[type(_default)](
+        f"distributed.{_field}", _default, f"As train.py's --config.distributed.{_field}."
+    )
 
 
 def main(argv):
@@ -55,6 +72,7 @@ def main(argv):
         temperature=f.temperature,
         max_new_tokens=f.max_new_tokens,
         seed=f.seed,
+        dist=distributed_spec({k: f[f"distributed.{k}"].value for k in DISTRIBUTED}),
     )
 
 

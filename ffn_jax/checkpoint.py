@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from ffn_jax.files import PathLike, files_under, normalize_workdir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +80,35 @@ def from_saveable(state: nnx.State, saved: dict) -> nnx.State:
     return state
 
 
-def manifest_path(directory: str, step: int) -> str:
+def manifest_path(directory: PathLike, step: int) -> epath.Path:
     """Where the checksum manifest of ``step`` in the checkpoint ``directory`` lives."""
-    return os.path.join(directory, "manifests", f"{step}.json")
+    return epath.Path(directory) / "manifests" / f"{step}.json"
 
 
-def step_digests(directory: str, step: int) -> dict[str, str]:
+def step_digests(directory: PathLike, step: int) -> dict[str, str]:
     """sha256 of every file of ``step``, by path relative to the step directory."""
-    root, out = os.path.join(directory, str(step)), {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, root)] = h.hexdigest()
+    root, out = epath.Path(directory) / str(step), {}
+    for path in files_under(root):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        out[os.fspath(path.relative_to(root))] = h.hexdigest()
     return dict(sorted(out.items()))
 
 
-def verify_step(directory: str, step: int) -> str | None:
+def verify_step(directory: PathLike, step: int) -> str | None:
     """Why ``step`` in ``directory`` does not match its manifest (None: it matches, or was
     saved before manifests existed)."""
     path = manifest_path(directory, step)
-    if not os.path.exists(path):
+    if not path.exists():
         log.info(
             "checkpoint step %d has no manifest (saved before manifests existed); "
             "restoring it unverified",
             step,
         )
         return None
-    with open(path) as f:
-        want = json.load(f)
+    want = json.loads(path.read_text())
     got = step_digests(directory, step)
     bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     return f"{len(bad)} file(s) differ from its manifest, e.g. {bad[0]}" if bad else None
@@ -124,10 +124,11 @@ def _everywhere(ok: bool) -> bool:
 
 
 class Checkpointer:
-    """Saves every ``every`` steps (and when forced), keeps the last ``keep``, asynchronously."""
+    """Saves every ``every`` steps (and when forced), keeps the last ``keep``, asynchronously,
+    in ``workdir/checkpoints`` (a local directory or an object-store URL)."""
 
-    def __init__(self, workdir: str, every: int, keep: int):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    def __init__(self, workdir: PathLike, every: int, keep: int):
+        self.directory = epath.Path(normalize_workdir(workdir)) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, every),
             max_to_keep=max(1, keep),
@@ -140,7 +141,7 @@ class Checkpointer:
         """Saved steps, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def _manifest(self, step: int) -> str:
+    def _manifest(self, step: int) -> epath.Path:
         return manifest_path(self.directory, step)
 
     def seal(self) -> None:
@@ -149,11 +150,8 @@ class Checkpointer:
             return
         for step in self.steps():
             path = self._manifest(step)
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "w") as f:
-                    json.dump(step_digests(self.directory, step), f, indent=1)
-                os.replace(path + ".tmp", path)
+            if not path.exists():
+                write_text_atomic(path, json.dumps(step_digests(self.directory, step), indent=1))
 
     def verify(self, step: int) -> str | None:
         """Why ``step`` does not match its manifest (None: it matches, or has none)."""
@@ -163,12 +161,12 @@ class Checkpointer:
         """Move a failed step out of orbax's view (single process only), with its manifest."""
         if jax.process_count() > 1:
             return
-        dest = os.path.join(self.directory, "corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        dest = self.directory / "corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(os.path.join(self.directory, str(step)), dest)
-            if os.path.exists(self._manifest(step)):
-                os.rename(self._manifest(step), os.path.join(dest, "manifest.json"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(dest)
+            if self._manifest(step).exists():
+                self._manifest(step).rename(dest / "manifest.json")
         except OSError as e:  # e.g. a read-only run evaluated: skip it, leave it in place
             log.warning("could not move the failed checkpoint step %d aside (%s)", step, e)
             return

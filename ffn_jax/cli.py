@@ -10,10 +10,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from ffn_jax.configuration import ConfigError, resolve
-from ffn_jax.spec import DataSpec, RunSpec, distributed_spec
+from ffn_jax.files import check_workdir_backend, normalize_workdir
+from ffn_jax.spec import DataSpec, DistributedSpec, RunSpec, distributed_spec
 from ffn_jax.trainer import NonFiniteLossError
 
 
@@ -100,12 +102,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_train(config: ConfigDict, workdir: str) -> None:
-    """Train ``config`` (a single run, or every run of a sweep config) into ``workdir``."""
+    """Train ``config`` (a single run, or every run of a sweep config) into ``workdir`` (a
+    local directory, made absolute, or an object-store URL such as ``gs://bucket/run``)."""
     _setup_logging()
     from ffn_jax import distributed, sweep
     from ffn_jax.trainer import train_and_evaluate
 
+    workdir = normalize_workdir(workdir)
     try:
+        check_workdir_backend(workdir)
         # Before anything touches jax devices:
         if distributed.initialize(distributed_spec(config.distributed)):
             distributed.log_from_process_zero_only()
@@ -246,14 +251,21 @@ def run_eval(
     temperature: float = 0.0,
     max_new_tokens: int = 200,
     seed: int = 0,
+    dist: DistributedSpec | None = None,
 ) -> None:
-    """Evaluate the run (or the sweep) in ``workdir``, or sample from it."""
+    """Evaluate the run (or the sweep) in ``workdir`` (a local directory or an object-store
+    URL), or sample from it. ``dist`` (``eval.py --distributed.*``) joins a multi-process
+    job the way ``train.py``'s ``config.distributed`` does; every process then samples."""
     _setup_logging()
-    from ffn_jax import sweep
+    from ffn_jax import distributed, sweep
     from ffn_jax.evaluate import evaluate_run, sample
 
+    workdir = normalize_workdir(workdir)
     try:
-        if not os.path.isdir(workdir):
+        if dist is not None and distributed.initialize(dist):  # before jax touches devices
+            distributed.log_from_process_zero_only()
+        check_workdir_backend(workdir)
+        if not epath.Path(workdir).is_dir():
             raise FileNotFoundError(f"--workdir={workdir} does not exist")
         if sample_prompt is not None:
             print(
@@ -273,7 +285,7 @@ def run_eval(
             for split in ("validation", "test"):
                 scores[split].pop("blocks")  # per-block sums: in eval.json, not the summary
             print(json.dumps(scores, indent=2))
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # incl. DistributedInitError
         _fail(_message(e), 2)
 
 
@@ -292,8 +304,10 @@ def run_inspect(
     _setup_logging()
     from ffn_jax.inspect import inspect_run
 
+    workdir = normalize_workdir(workdir)
     try:
-        if not os.path.isdir(workdir):
+        check_workdir_backend(workdir)
+        if not epath.Path(workdir).is_dir():
             raise FileNotFoundError(f"--workdir={workdir} does not exist")
         inspect_run(
             workdir,
@@ -304,6 +318,6 @@ def run_inspect(
             experts=experts,
             step=step,
         )
-        print(os.path.join(workdir, "inspect.md"))
+        print(epath.Path(workdir) / "inspect.md")
     except (ConfigError, OSError, ValueError) as e:
         _fail(_message(e), 2)

@@ -7,13 +7,13 @@ sees them all at once; ``resolve`` returns the spec or raises :class:`ConfigErro
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 from ml_collections import ConfigDict
 
+from ffn_jax.files import PathLike, read_json
 from ffn_jax.run import CONFIG_FILE
 from ffn_jax.spec import ConfigError, RunSpec, from_config, problems
 
@@ -33,12 +33,11 @@ def resolve(
     return from_config(config, num_devices, group=group)
 
 
-def load_config(workdir: str) -> ConfigDict:
+def load_config(workdir: PathLike) -> ConfigDict:
     """The resolved config a run wrote to ``workdir/config.json``, as a ConfigDict."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(
             f"--workdir={workdir} holds no run (no config.json); train into it first with train.py"
         )
-    with open(path) as f:
-        return ConfigDict(json.load(f))
+    return ConfigDict(read_json(path))

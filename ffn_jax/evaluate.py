@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from ffn_jax import data as data_lib
 from ffn_jax.data import Prepared
+from ffn_jax.files import PathLike, read_json, write_json_atomic
 from ffn_jax.model import token_nll
-from ffn_jax.run import EVAL_FILE, RunState, read_json, restore, write_json_atomic
+from ffn_jax.run import EVAL_FILE, RunState, restore
 from ffn_jax.spec import DataSpec, RunSpec
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def evaluate_split(
 
 
 def evaluate_run(
-    workdir: str, step: int | None = None, splits: tuple[str, ...] = ("validation", "test")
+    workdir: PathLike, step: int | None = None, splits: tuple[str, ...] = ("validation", "test")
 ) -> dict:
     """Score ``splits`` of the run in ``workdir`` and write ``workdir/eval.json`` (keeping
     the other splits it holds for the same step)."""
@@ -112,14 +113,14 @@ def evaluate_run(
         return score_splits(workdir, eval_step, r.state, r.step, r.spec, r.prep, r.rs, splits)
 
 
-def read_eval(workdir: str) -> dict | None:
+def read_eval(workdir: PathLike) -> dict | None:
     """The run's ``eval.json`` (None if absent)."""
-    path = os.path.join(workdir, EVAL_FILE)
-    return read_json(path) if os.path.exists(path) else None
+    path = epath.Path(workdir) / EVAL_FILE
+    return read_json(path) if path.exists() else None
 
 
 def score_splits(
-    workdir: str,
+    workdir: PathLike,
     eval_step,
     state,
     step: int,
@@ -147,19 +148,18 @@ def score_splits(
     }
     out = {"step": step, "name": spec.name, **kept, **results}
     if jax.process_index() == 0:
+        path = epath.Path(workdir) / EVAL_FILE
         try:
-            write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
+            write_json_atomic(path, out)
         except OSError as e:  # a read-only run: the scores are still returned and printed
             log.warning(
-                "could not write %s (%s); the scores are printed only",
-                os.path.join(workdir, EVAL_FILE),
-                e.strerror or e,
+                "could not write %s (%s); the scores are printed only", path, e.strerror or e
             )
     return out
 
 
 def sample(
-    workdir: str,
+    workdir: PathLike,
     prompt: str,
     *,
     max_new_tokens: int = 200,
@@ -169,6 +169,9 @@ def sample(
 ) -> str:
     """Continue ``prompt`` with the run's model: greedy when ``temperature == 0``.
 
+    The model is restored onto the calling process's first local device, so every process
+    of a multi-process job samples (each the same text for the same seed); all of them must
+    call it, as the checkpoint restore agrees across processes.
     Each new token recomputes the forward pass over the last ``seq_len`` tokens (no KV
     cache: simple and fast enough for the small models this is for).
     """

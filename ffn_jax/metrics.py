@@ -1,7 +1,8 @@
 """Metric writers: ``metrics.jsonl`` + TensorBoard event files, and a progress bar.
 
 Only process 0 writes; other processes get a writer that does nothing, so call sites
-need no ``if jax.process_index() == 0``.
+need no ``if jax.process_index() == 0``. Both files go through :class:`AppendLog`, so a
+workdir may be a local directory or an object-store URL (``gs://...``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import sys
 import time
-from typing import Any, TextIO
+from typing import IO, Any
 
 import jax
+from etils import epath
 from tqdm import tqdm
+
+from ffn_jax.files import PathLike, is_url, read_text
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_EVERY_S = 30.0  # at most one upload of a growing file per this many seconds (URLs)
 
 
 def _jsonable(v: Any) -> Any:
@@ -49,48 +56,123 @@ def tensorboard_scalars(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+class AppendLog:
+    """A file a run appends records to (``metrics.jsonl``, a TensorBoard event file).
+
+    On a local disk the file is opened for appending and every write is flushed: a kill
+    leaves whole records and at most one torn one. An object store (a URL) cannot append:
+    the content, starting from what the file already holds, is kept in memory and uploaded
+    whole on the first write, then at most every ``upload_every_s`` seconds (default
+    ``UPLOAD_EVERY_S``) and at ``close``. Each upload replaces the object whole, so readers
+    only ever see whole records; a kill loses at most the last ``upload_every_s`` seconds
+    of them.
+    """
+
+    def __init__(self, path: PathLike, upload_every_s: float | None = None):
+        self.path = epath.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._upload_every_s = UPLOAD_EVERY_S if upload_every_s is None else upload_every_s
+        self._file: IO | None = None
+        self._data = bytearray()
+        self._uploaded_at = -math.inf
+        self._pending = False
+        if not is_url(self.path):
+            self._file = self.path.open("ab")
+        elif self.path.exists():
+            self._data += self.path.read_bytes()
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (local: written and flushed now; URL: uploaded when due)."""
+        if self._file is not None:
+            self._file.write(data)
+            self._file.flush()
+            return
+        self._data += data
+        self._pending = True
+        if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        self.path.write_bytes(bytes(self._data))
+        self._uploaded_at, self._pending = time.monotonic(), False
+
+    def close(self) -> None:
+        """Flush what is pending (the last upload, for a URL) and close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        elif self._pending:
+            self._upload()
+
+
 class TensorBoardScalars:
-    """Scalars to a TensorBoard event file in ``logdir``, written in the calling thread.
+    """Scalars to a TensorBoard event file in ``logdir``, written in the calling thread
+    through :class:`AppendLog` (a local directory or an object-store URL).
 
     tensorboardX's ``SummaryWriter`` writes from a background thread behind a bounded
     queue: when that thread dies (a full disk), the training loop blocks on the queue
-    forever, deaf to signals. Written here, a failed write is an exception in the loop.
+    forever, deaf to signals; and its ``gs://`` writer needs ``google-cloud-storage`` and
+    uploads the whole file at every flush. Here each ``Event`` proto (tensorboardX's) is
+    framed as a TFRecord, the format TensorBoard reads: the length (uint64), its masked
+    CRC32C, the bytes, their masked CRC32C (little-endian); a failed write is an exception
+    in the loop.
     """
 
-    def __init__(self, logdir: str):
-        from tensorboardX.event_file_writer import EventsWriter
+    def __init__(self, logdir: PathLike):
+        from tensorboardX.proto import event_pb2
 
-        os.makedirs(logdir, exist_ok=True)
-        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        now = time.time()
+        name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}"
+        self._log = AppendLog(epath.Path(logdir) / name)
+        self._write_event(
+            event_pb2.Event(  # pyright: ignore[reportAttributeAccessIssue] (protobuf)
+                wall_time=now, file_version="brain.Event:2"
+            )
+        )
+
+    def _write_event(self, event: Any) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._log.write(
+            header
+            + struct.pack("<I", masked_crc32c(header))
+            + data
+            + struct.pack("<I", masked_crc32c(data))
+        )
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Log ``scalars`` (name -> value) at ``step``."""
         from tensorboardX.proto import event_pb2
         from tensorboardX.summary import scalar
 
         now = time.time()
         for name, value in scalars.items():
-            event = event_pb2.Event(  # pyright: ignore[reportAttributeAccessIssue] (protobuf)
-                wall_time=now, step=step, summary=scalar(name, value)
+            self._write_event(
+                event_pb2.Event(  # pyright: ignore[reportAttributeAccessIssue] (protobuf)
+                    wall_time=now, step=step, summary=scalar(name, value)
+                )
             )
-            self._writer.write_event(event)
-        self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        """Write what is pending and close the file."""
+        self._log.close()
 
 
 class MetricWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors the scalars
-    to TensorBoard event files under ``workdir/tb``. A write that fails (a full disk) raises
-    an OSError naming the file, in the caller's thread."""
+    to TensorBoard event files under ``workdir/tb`` (both :class:`AppendLog` files: on an
+    object-store workdir they appear at the first row, then every ``UPLOAD_EVERY_S``
+    seconds and at ``close``). A write that fails (a full disk) raises an OSError naming
+    the file, in the caller's thread."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    def __init__(self, workdir: PathLike, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self._file: TextIO | None = None
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self._file: AppendLog | None = None
         self._tb: TensorBoardScalars | None = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
             cut = cut_torn_line(self.path)
             if cut:
                 log.warning(
@@ -98,8 +180,8 @@ class MetricWriter:
                     self.path,
                     cut,
                 )
-            self._file = open(self.path, "a")  # noqa: SIM115
-            self._tb = TensorBoardScalars(os.path.join(workdir, "tb"))
+            self._file = AppendLog(self.path)
+            self._tb = TensorBoardScalars(epath.Path(workdir) / "tb")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """Log ``metrics`` at ``step``: everything to the JSONL file, the scalars and per-layer
@@ -108,11 +190,13 @@ class MetricWriter:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         try:
-            self._file.write(json.dumps(row) + "\n")  # one write a row: whole lines or a torn tail
-            self._file.flush()
+            # One write a row: whole lines, or a torn tail on a local disk.
+            self._file.write((json.dumps(row) + "\n").encode("utf-8"))
             self._tb.write(step, tensorboard_scalars(row))
         except OSError as e:
-            raise OSError(e.errno, f"{e.strerror} (writing the run's metrics)", self.path) from e
+            raise OSError(
+                e.errno, f"{e.strerror} (writing the run's metrics)", os.fspath(self.path)
+            ) from e
 
     def close(self) -> None:
         """Close the files; a failure to close (a full disk) is logged, not raised, so that
@@ -126,28 +210,31 @@ class MetricWriter:
         self._file = self._tb = None
 
 
-def cut_torn_line(path: str) -> int:
+def cut_torn_line(path: PathLike) -> int:
     """Cut a last line that has no newline (a row whose write a full disk or a kill cut
-    short) off the file at ``path``; returns the bytes removed (0: none, or no file)."""
-    if not os.path.exists(path):
+    short) off the file at ``path`` (truncated in place on a local disk, uploaded again
+    at a URL); returns the bytes removed (0: none, or no file)."""
+    p = epath.Path(path)
+    if not p.exists():
         return 0
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return 0
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-        return len(data) - keep
+    data = p.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    if is_url(p):
+        p.write_bytes(data[:keep])
+    else:
+        os.truncate(p, keep)
+    return len(data) - keep
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
+def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
     """The rows of ``workdir/metrics.jsonl`` (empty if the file does not exist). A torn last
     row (no newline) is skipped; a corrupt row elsewhere is a ValueError naming the line."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    text = read_text(path)
     lines = text.split("\n")
     torn = lines.pop()  # "" when the file ends in a newline
     rows = []

@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from ffn_jax import stats
+from ffn_jax.files import PathLike, read_json, write_text_atomic
 from ffn_jax.flops import flops_per_token
 from ffn_jax.metrics import read_metrics
 from ffn_jax.moe.health import summarise_run
@@ -50,7 +52,7 @@ from ffn_jax.report_sections import (
     timing_line,
     tuning_section,
 )
-from ffn_jax.run import EVAL_FILE, PROVENANCE_FILE, latest_step, load_spec, read_json
+from ffn_jax.run import EVAL_FILE, PROVENANCE_FILE, latest_step, load_spec
 from ffn_jax.spec import ModelSpec, RunSpec, config_field_names
 
 log = logging.getLogger(__name__)
@@ -86,11 +88,11 @@ def _run_eval(run_dir: str, splits: tuple[str, ...] = SPLITS) -> dict:
     than the last checkpoint."""
     from ffn_jax.evaluate import evaluate_run
 
-    path = os.path.join(run_dir, EVAL_FILE)
+    path = epath.Path(run_dir) / EVAL_FILE
     latest = latest_step(run_dir)
     if latest is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoints; finish the sweep with train.py")
-    ev = read_json(path) if os.path.exists(path) else {}
+    ev = read_json(path) if path.exists() else {}
     if ev.get("step") == latest and all(s in ev for s in splits):
         return ev
     missing = tuple(s for s in splits if s not in ev) if ev.get("step") == latest else splits
@@ -245,8 +247,8 @@ def load_specs(run_dirs: list[str]) -> list[RunSpec]:
         diff = [k for k, v in _shared(s, varied).items() if v != ref[k]]
         if diff:
             raise ValueError(
-                f"sweep directory holds runs of incompatible settings: {os.path.basename(d)} "
-                f"differs from {os.path.basename(run_dirs[0])} in {', '.join(diff)}; "
+                f"sweep directory holds runs of incompatible settings: {epath.Path(d).name} "
+                f"differs from {epath.Path(run_dirs[0]).name} in {', '.join(diff)}; "
                 "move it out or evaluate it on its own"
             )
     return specs
@@ -469,12 +471,13 @@ def csv_fields(rows: list[dict]) -> list[str]:
     return [k for k in rows[0] if k not in CSV_SKIP]
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
+def _write_csv(path: PathLike, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r if k not in CSV_SKIP))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def scored_line(records: list[dict]) -> str:
@@ -498,8 +501,8 @@ def provenance_line(run_dirs: list[str]) -> str:
     """Where the runs came from (their ``run.json``): code commits, versions, devices."""
     seen = []
     for d in run_dirs:
-        path = os.path.join(d, PROVENANCE_FILE)
-        if os.path.exists(path):
+        path = epath.Path(d) / PROVENANCE_FILE
+        if path.exists():
             p = read_json(path)
             seen.append(
                 f"commit {p.get('git_commit') or 'unknown'}, jax {p.get('jax')}, "
@@ -522,7 +525,7 @@ def _split_runs(run_dirs: list[str], tuning: dict) -> tuple[list[str], list[str]
     run belongs to the table when its tuned value is its cell's chosen one."""
     from ffn_jax.sweep import DIVERGED_FILE
 
-    diverged = [d for d in run_dirs if os.path.exists(os.path.join(d, DIVERGED_FILE))]
+    diverged = [d for d in run_dirs if (epath.Path(d) / DIVERGED_FILE).exists()]
     live = [d for d in run_dirs if d not in diverged]
     if not tuning:
         return live, [], diverged
@@ -536,23 +539,24 @@ def _split_runs(run_dirs: list[str], tuning: dict) -> tuple[list[str], list[str]
     return final, tune_only, diverged
 
 
-def sweep_reference(sweep_dir: str) -> str:
+def sweep_reference(sweep_dir: PathLike) -> str:
     """The sweep config's ``sweep.reference`` ("" when unset or without ``sweep.json``)."""
     from ffn_jax.sweep import SWEEP_FILE
 
-    path = os.path.join(sweep_dir, SWEEP_FILE)
-    config = read_json(path) if os.path.exists(path) else {}
+    path = epath.Path(sweep_dir) / SWEEP_FILE
+    config = read_json(path) if path.exists() else {}
     return str(config.get("sweep", {}).get("reference", ""))
 
 
-def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
+def write_report(sweep_dir: PathLike, run_dirs: list[str]) -> str:
     """Evaluate the runs, write results.md / results.csv / runs.csv and the plots; returns
     the table."""
     from ffn_jax import data as data_lib
     from ffn_jax.baselines import baselines
 
-    tuning_path = os.path.join(sweep_dir, "tuning.json")
-    tuning = read_json(tuning_path) if os.path.exists(tuning_path) else {}
+    out = epath.Path(sweep_dir)
+    tuning_path = out / "tuning.json"
+    tuning = read_json(tuning_path) if tuning_path.exists() else {}
     tuned = next(iter(tuning.values()))["field"] if tuning else ""
     final, tune_only, diverged = _split_runs(run_dirs, tuning)
     spec0 = load_spec(final[0])
@@ -614,7 +618,7 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     if over:
         text += [f"**Warning:** {', '.join(over)} trained past one epoch (repeated data).", ""]
     if diverged:
-        names = ", ".join(os.path.basename(d) for d in diverged)
+        names = ", ".join(epath.Path(d).name for d in diverged)
         text += [f"Diverged runs (loss became NaN/inf; left out): {names}.", ""]
     text += [table, ""]
     for axes, t in primary.items():
@@ -644,13 +648,12 @@ def write_report(sweep_dir: str, run_dirs: list[str]) -> str:
     if fits:
         text += [scaling_section(fits), ""]
     text += [ranking_section(rows)]
-    with open(os.path.join(sweep_dir, "results.md"), "w") as f:
-        f.write("\n".join(text))
-    _write_csv(os.path.join(sweep_dir, "results.csv"), rows)
+    write_text_atomic(out / "results.md", "\n".join(text))
+    _write_csv(out / "results.csv", rows)
     for r in records:
         r["stage"] = "final"
     for r in tune_records:
         r["stage"] = "tuning"
-    _write_csv(os.path.join(sweep_dir, "runs.csv"), records + tune_records)
+    _write_csv(out / "runs.csv", records + tune_records)
     write_plots(sweep_dir, records, rows, base, tuning, fits)
     return table

@@ -6,12 +6,13 @@ marker across them."""
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 
 import numpy as np
+from etils import epath
 
 from ffn_jax import stats
+from ffn_jax.files import PathLike, write_figure
 
 MARKERS = "osD^v<>PX*hp"
 
@@ -29,7 +30,7 @@ def _styles(labels: list[str]) -> dict[str, dict]:
 
 
 def write_plots(
-    sweep_dir: str, records: list[dict], rows: list[dict], base: dict, tuning: dict, fits: dict
+    sweep_dir: PathLike, records: list[dict], rows: list[dict], base: dict, tuning: dict, fits: dict
 ) -> None:
     """Write every plot of the report into ``sweep_dir`` (the LR plot for a tuned sweep,
     the scaling plot when ``fits`` has any)."""
@@ -65,7 +66,7 @@ def write_plots(
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "loss_curves.png"), dpi=120)
+    write_figure(fig, epath.Path(sweep_dir) / "loss_curves.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -91,7 +92,7 @@ def write_plots(
     ax.set_title("Test bits per byte (mean ± SD over seeds; dashed: n-gram baselines)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "bits_per_byte.png"), dpi=120)
+    write_figure(fig, epath.Path(sweep_dir) / "bits_per_byte.png")
     plt.close(fig)
 
     _forest(sweep_dir, rows, style, plt)
@@ -101,7 +102,7 @@ def write_plots(
         _scaling_plot(sweep_dir, fits, plt)
 
 
-def _forest(sweep_dir: str, rows: list[dict], style: dict, plt) -> None:
+def _forest(sweep_dir: PathLike, rows: list[dict], style: dict, plt) -> None:
     """Δ test loss vs each row's reference: the 95% t interval (thick) and the Bonferroni
     simultaneous interval over the family (thin), which Holm's decisions never contradict."""
     family = [r for r in rows if not math.isnan(r["d_test_loss_lo"])]
@@ -129,11 +130,11 @@ def _forest(sweep_dir: str, rows: list[dict], style: dict, plt) -> None:
     )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "forest.png"), dpi=120)
+    write_figure(fig, epath.Path(sweep_dir) / "forest.png")
     plt.close(fig)
 
 
-def _scaling_plot(sweep_dir: str, fits: dict, plt) -> None:
+def _scaling_plot(sweep_dir: PathLike, fits: dict, plt) -> None:
     """Validation loss against training FLOPs per variant, with the fitted power laws."""
     style = _styles(list(fits))
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -150,11 +151,11 @@ def _scaling_plot(sweep_dir: str, fits: dict, plt) -> None:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "scaling.png"), dpi=120)
+    write_figure(fig, epath.Path(sweep_dir) / "scaling.png")
     plt.close(fig)
 
 
-def _lr_plot(sweep_dir: str, tuning: dict, plt) -> None:
+def _lr_plot(sweep_dir: PathLike, tuning: dict, plt) -> None:
     """Validation loss against the tuned value, one line per variant (log x)."""
     style = _styles(list(tuning))
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -178,5 +179,5 @@ def _lr_plot(sweep_dir: str, tuning: dict, plt) -> None:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(sweep_dir, "lr_sweep.png"), dpi=120)
+    write_figure(fig, epath.Path(sweep_dir) / "lr_sweep.png")
     plt.close(fig)

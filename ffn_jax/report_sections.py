@@ -9,14 +9,14 @@ returns markdown.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from ffn_jax import stats
-from ffn_jax.run import read_json
+from ffn_jax.files import PathLike, read_json
 
 BASELINE = "relu"  # the reference the compute multipliers are against
 TIMING_KEYS = ("wall_s", "compile_s", "eval_s", "checkpoint_s", "train_s", "other_s")
@@ -277,11 +277,11 @@ def ranking_section(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def timing_line(sweep_dir: str, records: list[dict]) -> str:
+def timing_line(sweep_dir: PathLike, records: list[dict]) -> str:
     """The sweep's wall time and where it went (summed over every run, tuning included)."""
-    path = os.path.join(sweep_dir, "sweep_timing.json")
+    path = epath.Path(sweep_dir) / "sweep_timing.json"
     sums = {k: sum(r[k] or 0.0 for r in records) for k in TIMING_KEYS}
-    wall = read_json(path)["wall_s"] if os.path.exists(path) else sums["wall_s"]
+    wall = read_json(path)["wall_s"] if path.exists() else sums["wall_s"]
     other = wall - sums["train_s"] - sums["compile_s"] - sums["eval_s"]
     parts = [
         ("training", sums["train_s"]),

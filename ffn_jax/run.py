@@ -1,9 +1,12 @@
 """A run on disk and on device: the workdir layout, atomic JSON files, the run's spec,
 building and restoring its state.
 
-Workdir of a run (the contract in ``../shared/DESIGN.md``)::
+Workdir of a run (the contract in ``../shared/DESIGN.md``), a local directory or an
+object-store URL (``gs://...``; every file goes through ``etils.epath``, see
+``ffn_jax.files``)::
 
-    .lock           held by the process training into the directory (``WorkdirLock``)
+    .lock           held by the process training into the directory (``WorkdirLock``;
+                    local directories only)
     config.json     the resolved config (JSON; read back with ``load_spec``)
     run.json        provenance: git commit, library versions, devices (written at start)
     metrics.jsonl   one JSON object per logged step (``ffn_jax.metrics``)
@@ -16,23 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import platform
 import socket
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from ffn_jax import data as data_lib
 from ffn_jax import programs, sharding
-from ffn_jax.data.cache import write_text_atomic
+from ffn_jax.files import PathLike, is_url, read_json, write_json_atomic
 from ffn_jax.model import LM, count_params
 from ffn_jax.optim import make_optimizer
 from ffn_jax.spec import ConfigError, RunSpec, config_diff, from_config
@@ -45,54 +47,37 @@ EVAL_FILE = "eval.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (a unique temporary file moved
-    into place), so readers never see half a file and concurrent writers never collide."""
-    write_text_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str) -> Any:
-    """The JSON in ``path``; ValueError naming the file and the position if it is corrupt."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
-            f"{e.colno}); restore it or move the run aside"
-        ) from None
-
-
 # ---- the run's config ---------------------------------------------------------------------
 
 
-def load_spec(workdir: str, mesh_shape: dict[str, int] | None = None) -> RunSpec:
+def load_spec(workdir: PathLike, mesh_shape: dict[str, int] | None = None) -> RunSpec:
     """The spec of the run in ``workdir`` (its ``config.json``, upgraded if older), on the
     current devices or on a mesh of ``mesh_shape``."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(
             f"--workdir={workdir} holds no run (no config.json); train into it first with train.py"
         )
     return from_config(read_json(path), mesh_shape=mesh_shape)
 
 
-def _move_aside(workdir: str, why: str) -> None:
+def _move_aside(workdir: PathLike, why: str) -> None:
+    """Rename ``workdir`` to ``<workdir>.old-<time>`` (process 0; on an object store a
+    rename copies every object, then deletes the originals)."""
     if jax.process_index() != 0:
         return
-    aside = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(workdir, aside)
+    aside = f"{os.fspath(workdir).rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    epath.Path(workdir).rename(aside)
     log.warning("%s: moved the existing run in %s to %s", why, workdir, aside)
 
 
-def check_workdir(spec: RunSpec, workdir: str, resume: bool) -> bool:
+def check_workdir(spec: RunSpec, workdir: PathLike, resume: bool) -> bool:
     """Refuse an incompatible existing run in ``workdir``; with ``resume=False`` move the old
     run aside to ``<workdir>.old-<time>`` instead, so nothing is lost. A run that stopped
     before its first checkpoint has nothing to resume: a new config moves it aside too.
     Returns whether the old run was moved aside."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         return False
     try:
         old = read_json(path)
@@ -123,15 +108,21 @@ class WorkdirLock:
     """An OS file lock on ``workdir/.lock`` held while a run trains into ``workdir``, so a
     second ``train.py`` on the same directory stops with one line naming the holder instead
     of training into the same files. Process 0 holds it for a multi-host job; the lock is
-    released by the OS when the holder exits, however it exits."""
+    released by the OS when the holder exits, however it exits.
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, ".lock")
+    An object-store workdir (``gs://...``) has no file locks: it is not locked, and two jobs
+    started on the same URL are not detected.
+    """
+
+    def __init__(self, workdir: PathLike):
+        self.path = os.path.join(os.fspath(workdir), ".lock")
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
         busy = ""
-        if jax.process_index() == 0:
+        if is_url(self.path):
+            log.info("%s is an object-store workdir: not locked", os.path.dirname(self.path))
+        elif jax.process_index() == 0:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -209,26 +200,30 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def write_config(spec: RunSpec, workdir: str) -> None:
+def write_config(spec: RunSpec, workdir: PathLike) -> None:
     """Write the resolved config and the provenance sidecar (process 0 only)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    write_json_atomic(os.path.join(workdir, CONFIG_FILE), dict(spec.source))
-    write_json_atomic(os.path.join(workdir, PROVENANCE_FILE), provenance())
+    write_json_atomic(epath.Path(workdir) / CONFIG_FILE, dict(spec.source))
+    write_json_atomic(epath.Path(workdir) / PROVENANCE_FILE, provenance())
 
 
 # ---- checkpoints on disk ------------------------------------------------------------------
 
 
-def latest_step(workdir: str) -> int | None:
-    """The newest committed checkpoint step in ``workdir`` (None if there is none)."""
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+def latest_step(workdir: PathLike) -> int | None:
+    """The newest committed checkpoint step in ``workdir`` (None if there is none). On an
+    object store orbax saves into the step's own directory and marks it committed last
+    (``commit_success.txt``), so an interrupted save is a step directory that is skipped."""
+    from orbax.checkpoint import step as ocp_step
+
+    ckpt_dir = epath.Path(workdir) / CHECKPOINT_DIR
+    steps = [d for d in ckpt_dir.iterdir() if d.name.isdigit()] if ckpt_dir.is_dir() else []
+    done = [int(d.name) for d in steps if ocp_step.is_path_finalized(d)]
     return max(done) if done else None
 
 
-def run_is_finished(workdir: str, steps: int) -> bool:
+def run_is_finished(workdir: PathLike, steps: int) -> bool:
     """Whether ``workdir`` holds a checkpoint at (or beyond) ``steps`` that matches its
     checksum manifest (a corrupt final checkpoint is an unfinished run)."""
     from ffn_jax.checkpoint import verify_step
@@ -236,7 +231,7 @@ def run_is_finished(workdir: str, steps: int) -> bool:
     latest = latest_step(workdir)
     if latest is None or latest < steps:
         return False
-    problem = verify_step(os.path.join(workdir, CHECKPOINT_DIR), latest)
+    problem = verify_step(epath.Path(workdir) / CHECKPOINT_DIR, latest)
     if problem:
         log.warning(
             "%s: the final checkpoint (step %d) is corrupt (%s); training resumes",
@@ -271,7 +266,7 @@ def build_run_state(spec: RunSpec, mesh: jax.sharding.Mesh | None = None) -> Run
     runs of a sweep that differ only in them share the compiled initialiser
     (``ffn_jax.programs``).
     """
-    mesh = mesh or sharding.make_mesh(spec.mesh.shape)
+    mesh = mesh or spec.mesh.build()
     rules = spec.mesh.rules
 
     def build(seed, lr):
@@ -309,7 +304,7 @@ class Restored:
 
 
 def restore(
-    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+    workdir: PathLike, step: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> Restored:
     """Rebuild the run in ``workdir`` and restore its checkpoint (latest or ``step``) onto
     ``mesh`` (default: the run's configured mesh on the current devices)."""

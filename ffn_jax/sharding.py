@@ -223,10 +223,13 @@ def make_mesh(
 
 
 def single_device_mesh() -> jax.sharding.Mesh:
-    """A mesh of the first device, with every axis of size 1 (for tests and tools)."""
+    """A mesh of this process's first device, with every axis of size 1 (for tests and
+    tools: sampling and inspecting a run work on every process of a multi-process job)."""
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.sharding.Mesh(
-        np.array(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES, axis_types=auto
+        np.array(jax.local_devices()[:1]).reshape((1,) * len(MESH_AXES)),
+        MESH_AXES,
+        axis_types=auto,
     )
 
 

@@ -15,6 +15,7 @@ kernel runs in Pallas's interpreter: the same numbers, slowly (for tests, not tr
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,8 @@ def _local(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array) -> jax.Array
     kernel = _kernel(n, t, jax.default_backend() != "tpu")
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (b, t, n, h) <-> (b, n, t, h)
     q = heads_first(q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype))
-    out = jax.vmap(kernel)(q, heads_first(k_btkh), heads_first(v_btkh))
+    # Without save_residuals the kernel returns the output alone.
+    out = cast(jax.Array, jax.vmap(kernel)(q, heads_first(k_btkh), heads_first(v_btkh)))
     return heads_first(out).astype(q_btnh.dtype)
 
 

@@ -42,12 +42,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from ml_collections import ConfigDict
 
 from ffn_jax import stats
 from ffn_jax.configuration import ConfigError, resolve, validate_config
 from ffn_jax.ffn import VARIANTS
-from ffn_jax.run import CONFIG_FILE, read_json, run_is_finished, write_json_atomic
+from ffn_jax.files import PathLike, read_json, write_json_atomic
+from ffn_jax.run import CONFIG_FILE, run_is_finished
 from ffn_jax.spec import config_diff
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,13 @@ def is_sweep(config: ConfigDict) -> bool:
     return "sweep" in config
 
 
-def is_sweep_dir(workdir: str) -> bool:
+def is_sweep_dir(workdir: PathLike) -> bool:
     """Whether ``workdir`` holds a sweep (``sweep.json``, or run directories and no run of
     its own)."""
-    if os.path.exists(os.path.join(workdir, SWEEP_FILE)):
+    root = epath.Path(workdir)
+    if (root / SWEEP_FILE).exists():
         return True
-    return not os.path.exists(os.path.join(workdir, CONFIG_FILE)) and bool(run_dirs(workdir))
+    return not (root / CONFIG_FILE).exists() and bool(run_dirs(workdir))
 
 
 def variant_names(config: ConfigDict) -> list[str]:
@@ -282,9 +285,9 @@ def run_configs(config: ConfigDict) -> list[tuple[str, ConfigDict]]:
     return [(r.name, run_config(config, r)) for r in runs(config)]
 
 
-def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, SWEEP_FILE)
-    if not os.path.exists(path):
+def _check_sweep_dir(config: ConfigDict, workdir: PathLike) -> None:
+    path = epath.Path(workdir) / SWEEP_FILE
+    if not path.exists():
         return
     diff = [d for d in config_diff(read_json(path), config.to_dict()) if not d.startswith("sweep.")]
     if diff:
@@ -294,7 +297,7 @@ def _check_sweep_dir(config: ConfigDict, workdir: str) -> None:
         )
 
 
-def _write_shared(path: str, obj: Any) -> None:
+def _write_shared(path: PathLike, obj: Any) -> None:
     """Write a sweep-level file from process 0 only (every process computes the same)."""
     if jax.process_index() == 0:
         write_json_atomic(path, obj)
@@ -308,16 +311,16 @@ class _SweepTrainer:
     """Trains the runs of one sweep directory: skips finished and diverged runs, records a
     divergence instead of stopping, and keeps the sweep's wall time in ``TIMING_FILE``."""
 
-    def __init__(self, config: ConfigDict, workdir: str):
-        self.config, self.workdir = config, workdir
+    def __init__(self, config: ConfigDict, workdir: PathLike):
+        self.config, self.workdir = config, epath.Path(workdir)
         self.results: list[dict] = []
         self.started = time.perf_counter()
-        timing = os.path.join(workdir, TIMING_FILE)
-        self.before = read_json(timing)["wall_s"] if os.path.exists(timing) else 0.0
+        timing = self.workdir / TIMING_FILE
+        self.before = read_json(timing)["wall_s"] if timing.exists() else 0.0
 
     def save_timing(self) -> None:
         wall = self.before + time.perf_counter() - self.started
-        _write_shared(os.path.join(self.workdir, TIMING_FILE), {"wall_s": wall})
+        _write_shared(self.workdir / TIMING_FILE, {"wall_s": wall})
 
     def train(self, run: Run, extra: dict[str, Any] | None = None) -> None:
         """Train ``run`` (its config plus the ``extra`` fields) unless done; raises
@@ -328,7 +331,7 @@ class _SweepTrainer:
         for field, value in (extra or {}).items():
             _set(c, field, value)
         spec = resolve(c, group=run.group)
-        run_dir = os.path.join(self.workdir, run.name)
+        run_dir = self.workdir / run.name
         if diverged(run_dir, spec.source):
             log.info("%s: diverged before, skipped", run.name)
             return
@@ -341,7 +344,7 @@ class _SweepTrainer:
         except NonFiniteLossError as e:
             log.warning("%s diverged; the sweep goes on: %s", run.name, e)
             marker = {"error": str(e), "config": dict(spec.source)}
-            _write_shared(os.path.join(run_dir, DIVERGED_FILE), marker)
+            _write_shared(run_dir / DIVERGED_FILE, marker)
             return
         finally:
             self.save_timing()
@@ -358,7 +361,7 @@ class _SweepTrainer:
         """Score the splits a finished tuning run skipped (the final stage reuses it)."""
         from ffn_jax.evaluate import evaluate_run, read_eval
 
-        run_dir = os.path.join(self.workdir, run.name)
+        run_dir = self.workdir / run.name
         ev = read_eval(run_dir)
         if ev is not None and "test" not in ev:
             log.info("%s: scoring the test split", run.name)
@@ -366,17 +369,17 @@ class _SweepTrainer:
             self.save_timing()
 
 
-def diverged(run_dir: str, source: dict | Any) -> bool:
+def diverged(run_dir: PathLike, source: dict | Any) -> bool:
     """Whether ``run_dir`` holds a divergence marker for this config."""
-    path = os.path.join(run_dir, DIVERGED_FILE)
-    return os.path.exists(path) and not config_diff(read_json(path)["config"], dict(source))
+    path = epath.Path(run_dir) / DIVERGED_FILE
+    return path.exists() and not config_diff(read_json(path)["config"], dict(source))
 
 
-def validation_loss(run_dir: str) -> float:
+def validation_loss(run_dir: PathLike) -> float:
     """The run's final validation loss (``inf`` if it diverged)."""
     from ffn_jax.evaluate import read_eval
 
-    if os.path.exists(os.path.join(run_dir, DIVERGED_FILE)):
+    if (epath.Path(run_dir) / DIVERGED_FILE).exists():
         return math.inf
     ev = read_eval(run_dir)
     if ev is None:
@@ -396,9 +399,7 @@ def _tune(cell: Cell, tune: Tuning, trainer: _SweepTrainer) -> dict:
             float(
                 np.mean(
                     [
-                        validation_loss(
-                            os.path.join(trainer.workdir, cell.run(s, {tune.field: v}).name)
-                        )
+                        validation_loss(trainer.workdir / cell.run(s, {tune.field: v}).name)
                         for s in range(tune.seeds)
                     ]
                 )
@@ -422,7 +423,7 @@ def _tune(cell: Cell, tune: Tuning, trainer: _SweepTrainer) -> dict:
     }
 
 
-def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
+def train_sweep(config: ConfigDict, workdir: PathLike) -> list[dict]:
     """Train every run of the sweep (skipping finished ones): with a ``sweep.tune`` block,
     the tuning stage and then the final stage (``Tuning``). Returns each trained run's
     result."""
@@ -436,8 +437,7 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     if problems:
         raise ConfigError(problems)
     _check_sweep_dir(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    _write_shared(os.path.join(workdir, SWEEP_FILE), config.to_dict())
+    _write_shared(epath.Path(workdir) / SWEEP_FILE, config.to_dict())
 
     trainer = _SweepTrainer(config, workdir)
     try:
@@ -452,7 +452,7 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
                 "field": tune.field,
                 **_tune(cell, tune, trainer),
             }
-            _write_shared(os.path.join(workdir, TUNING_FILE), tuning)
+            _write_shared(epath.Path(workdir) / TUNING_FILE, tuning)
         for cell in all_cells:
             if tuning[cell.name]["edge"]:
                 log.warning(
@@ -475,18 +475,15 @@ def train_sweep(config: ConfigDict, workdir: str) -> list[dict]:
     return trainer.results
 
 
-def run_dirs(workdir: str) -> list[str]:
+def run_dirs(workdir: PathLike) -> list[str]:
     """Run directories of a sweep (those holding a config.json), sorted by name."""
-    if not os.path.isdir(workdir):
+    root = epath.Path(workdir)
+    if not root.is_dir():
         return []
-    return sorted(
-        os.path.join(workdir, d)
-        for d in os.listdir(workdir)
-        if os.path.exists(os.path.join(workdir, d, CONFIG_FILE))
-    )
+    return sorted(os.fspath(d) for d in root.iterdir() if (d / CONFIG_FILE).exists())
 
 
-def evaluate_sweep(workdir: str) -> str:
+def evaluate_sweep(workdir: PathLike) -> str:
     """Evaluate every run of the sweep in ``workdir`` and write the report; returns the
     markdown table."""
     from ffn_jax.report import write_report

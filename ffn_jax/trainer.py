@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from ffn_jax import data as data_lib
 from ffn_jax import distributed, memory, programs, sharding
 from ffn_jax.checkpoint import Checkpointer
 from ffn_jax.evaluate import evaluate_split, make_eval_step, score_splits
+from ffn_jax.files import PathLike
 from ffn_jax.flops import flops_per_token, peak_flops
 from ffn_jax.metrics import MetricWriter, progress_bar
 from ffn_jax.model import lm_loss
@@ -141,7 +143,9 @@ def _summarise(window: list[dict]) -> dict:
 
 class _Profiler:
     """Writes a ``jax.profiler`` trace of steps ``start+1 .. stop`` (``"start:stop"``) to
-    ``directory`` (view it with TensorBoard's profile plugin or Perfetto); process 0 only."""
+    ``directory`` (view it with TensorBoard's profile plugin or Perfetto); process 0 only.
+    jax's profiler writes the directory itself: on an object-store workdir that needs a
+    jax build that can write there (untested; profile into a local workdir)."""
 
     def __init__(self, steps: str, directory: str):
         self.start, self.stop = (int(x) for x in steps.split(":")) if steps else (-1, -1)
@@ -219,7 +223,7 @@ def _preemption_service_running() -> bool:
     return jax.process_count() > 1 and state.preemption_sync_manager is not None
 
 
-def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
+def train_and_evaluate(spec: RunSpec, workdir: PathLike) -> dict:
     """Train the run ``spec`` into ``workdir`` (resuming if it holds a compatible run),
     holding the workdir's lock throughout.
 
@@ -235,7 +239,7 @@ def train_and_evaluate(spec: RunSpec, workdir: str) -> dict:
             return _train_and_evaluate(spec, workdir, pre)
 
 
-def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
+def _train_and_evaluate(spec: RunSpec, workdir: PathLike, pre: _Preemption) -> dict:
     t_entry = time.perf_counter()
     t = spec.train
     # Process 0 prepares (downloads, tokenises, caches) the corpus; the others then read
@@ -330,7 +334,7 @@ def _train_and_evaluate(spec: RunSpec, workdir: str, pre: _Preemption) -> dict:
     schedule = make_schedule(t)
     bar = progress_bar(t.steps, step, spec.name)
     inflight: collections.deque = collections.deque()
-    profiler = _Profiler(t.profile_steps, os.path.join(workdir, "profile"))
+    profiler = _Profiler(t.profile_steps, os.fspath(epath.Path(workdir) / "profile"))
     last_eval: dict = {}
     t_start = t_window = time.perf_counter()
     data_s = 0.0  # host time spent getting batches in the current log window

