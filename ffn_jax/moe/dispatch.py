@@ -175,9 +175,9 @@ def _dropless_exchange(
     w: Weights,
     act: Activation,
     impl: str,
+    exchange: str,
     axes: ShardAxes,
     drop: HiddenDropout | None = None,
-    exchange: str = "padded",
 ) -> jax.Array:
     """Experts on rows sorted by global expert id, exchanged capacity-free over the expert
     axis, by the ``exchange`` of ``model.moe.exchange``."""
@@ -219,16 +219,16 @@ def dropless_dispatch(
     w: Weights,
     act: Activation,
     impl: str,
+    exchange: str,
     axes: ShardAxes,
     drop: HiddenDropout | None = None,
-    exchange: str = "padded",
 ) -> tuple[jax.Array, jax.Array, jax.Array, int]:
     """Token choice without capacity (``expert_tk``/``weight_tk`` ``(t, k)``), tokens sent
     by ``exchange`` (``model.moe.exchange``). Returns ``(y_td, count_e, 0, t*k)``."""
     t, k = expert_tk.shape
     expert_a = expert_tk.reshape(-1)  # token-major
     order = jnp.argsort(expert_a, stable=True)
-    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, axes, drop, exchange)
+    y_sd = _dropless_exchange(x_td[order // k], expert_a[order], w, act, impl, exchange, axes, drop)
     y_tkd = y_sd[_inverse(order)].reshape(t, k, -1)
     y_td = jnp.einsum("tkd,tk->td", y_tkd, weight_tk.astype(y_tkd.dtype))
     count_e = jnp.bincount(expert_a, length=w["w1"].shape[0] * axes.n_expert)

@@ -77,7 +77,7 @@ def _dispatch_token_choice(
     if s.dispatch == "capacity":
         return capacity_dispatch(x_td, expert_tk, weight_tk, w, act, cap, axes, length, drop)
     return dropless_dispatch(
-        x_td, expert_tk, weight_tk, w, act, s.dropless_impl, axes, drop, s.exchange
+        x_td, expert_tk, weight_tk, w, act, s.dropless_impl, s.exchange, axes, drop
     )
 
 
