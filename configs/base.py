@@ -147,7 +147,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     m.dtype = "float32" if size != "gpu" else "bfloat16"  # compute dtype; params stay float32
     m.scan_layers = True  # apply the stacked layers with nnx.scan (False: a python loop)
     m.remat = "none"  # "none", "full", "dots" (save matmul outputs) or "dots_no_batch"
-    m.attention = "auto"  # "auto" (cuDNN flash attention on GPU in bf16), "xla" or "cudnn"
+    m.attention = "auto"  # "auto" (model.attention_impl), "xla", "einsum", "cudnn" or "splash"
     moe = m.moe = config_dict.ConfigDict()
     moe.num_experts = 0  # 0 = dense FFN in every layer
     moe.every = 1  # MoE in every N-th layer (the last of each group of N), dense elsewhere

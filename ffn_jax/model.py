@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ffn_jax import ffn as ffn_lib
+from ffn_jax.einsum_attention import einsum_attention
 from ffn_jax.sharding import constrain, param
 from ffn_jax.splash import splash_attention
 
@@ -37,7 +38,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NORMS = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "einsum", "cudnn", "splash")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -58,16 +59,20 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
 
     ``"auto"`` picks a fused (flash) kernel where one applies: on TPU, the Pallas splash
     kernel (``ffn_jax.splash``); on an NVIDIA GPU, cuDNN's, given a bfloat16/float16 compute
-    dtype and a head dim that is a multiple of 8 and at most 128; otherwise XLA's, which
-    materialises the ``(b, n, t, t)`` scores. (JAX's own ``implementation=None`` always
-    means XLA.) ``"xla"``/``"cudnn"``/``"splash"`` force one; cuDNN raises at trace time
-    where it does not apply, and splash runs interpreted (slowly) off TPU.
+    dtype and a head dim that is a multiple of 8 and at most 128. Otherwise the scores
+    ``(b, n, t, t)`` are materialised: on CPU by ``ffn_jax.einsum_attention`` (einsums and a
+    hand-written backward, faster there), elsewhere by XLA's. (JAX's own
+    ``implementation=None`` always means XLA.) ``"xla"``/``"einsum"``/``"cudnn"``/``"splash"``
+    force one; cuDNN raises at trace time where it does not apply, and splash runs
+    interpreted (slowly) off TPU.
     """
     if name != "auto":
         return name
     device = jax.devices()[0]
     if device.platform == "tpu":
         return "splash"
+    if device.platform == "cpu":
+        return "einsum"
     fused = (
         device.platform == "gpu"
         and device.device_kind.startswith("NVIDIA")
@@ -146,6 +151,8 @@ class Attention(nnx.Module):
         v = constrain(v, names)
         if self.impl == "splash":
             o = splash_attention(q, k, v)
+        elif self.impl == "einsum":
+            o = einsum_attention(q, k, v)
         else:
             impl = cast(Literal["xla", "cudnn"], self.impl)
             o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)

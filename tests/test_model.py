@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 from configs.base import get_config
 from ffn_jax import data, sharding
+from ffn_jax.einsum_attention import einsum_attention
 from ffn_jax.model import LM, Block, attention_impl, count_params
 from ffn_jax.optim import decay_mask, make_optimizer
 from ffn_jax.spec import ConfigError, model_spec
@@ -277,6 +278,7 @@ GPUS = {
     "h100": SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3"),
     "amd": SimpleNamespace(platform="gpu", device_kind="AMD Instinct MI300X"),
     "tpu": SimpleNamespace(platform="tpu", device_kind="TPU v5 lite"),
+    "cpu": SimpleNamespace(platform="cpu", device_kind="cpu"),
 }
 
 
@@ -291,6 +293,8 @@ GPUS = {
         ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
         ("tpu", jnp.bfloat16, 64, "splash"),  # Pallas splash attention on TPU
         ("tpu", jnp.float32, 12, "splash"),
+        ("cpu", jnp.float32, 32, "einsum"),  # scores materialised, backward by hand
+        ("cpu", jnp.bfloat16, 64, "einsum"),
     ],
 )
 def test_auto_attention_is_fused_only_where_cudnn_applies(
@@ -308,33 +312,75 @@ def test_splash_attention_needs_blocks_of_128():
         splash_attention(q, q, q)
 
 
-@pytest.mark.parametrize("shape", [None, dict(data=2, fsdp=2, tensor=2)])
-def test_splash_attention_equals_xla(shape):
-    """The splash kernel (interpreted on CPU) gives XLA's loss and gradients, on one device
-    and in its shard_map over batch and head shards."""
+def assert_attention_equals_xla(impl: str, seq_len: int, mesh_shape: dict | None) -> None:
+    """An LM with attention ``impl`` has the XLA-attention LM's loss and gradients, on one
+    device (``mesh_shape=None``) or sharded on a mesh of ``mesh_shape``."""
     cfg = dict(n_heads=4, n_kv_heads=2, vocab_size=96)
-    toks = tokens(4, 128, vocab=96)  # the kernel's blocks are multiples of 128
+    toks = tokens(4, seq_len, vocab=96)
     l_ref, g_ref = loss_and_grads(LM(tiny_model(**cfg, attention="xla"), rngs=nnx.Rngs(0)), toks)
-    splash = tiny_model(**cfg, attention="splash")
-    assert splash.attention_impl == "splash"
-    if shape is None:
-        loss, grads = loss_and_grads(LM(splash, rngs=nnx.Rngs(0)), toks)
+    spec = tiny_model(**cfg, attention=impl)
+    assert spec.attention_impl == impl
+    if mesh_shape is None:
+        loss, grads = loss_and_grads(LM(spec, rngs=nnx.Rngs(0)), toks)
     else:
         rules = sharding.DEFAULT_RULES
-        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **shape})
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh_shape})
         with sharding.axis_rules(rules):
-            model = sharding.create_sharded(lambda: LM(splash, rngs=nnx.Rngs(0)), mesh, rules)
+            model = sharding.create_sharded(lambda: LM(spec, rngs=nnx.Rngs(0)), mesh, rules)
             graphdef, state = nnx.split(model)
             f = jax.jit(lambda state, toks: loss_and_grads(nnx.merge(graphdef, state), toks))
             with jax.set_mesh(mesh):
-                spec = sharding.logical_to_spec(("batch", None))
-                loss, grads = f(state, jax.device_put(toks, jax.NamedSharding(mesh, spec)))
+                batch = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
+                loss, grads = f(state, jax.device_put(toks, batch))
     np.testing.assert_allclose(loss, l_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_default_attention_is_auto_and_xla_on_cpu():
+@pytest.mark.parametrize("shape", [None, dict(data=2, fsdp=2, tensor=2)])
+def test_splash_attention_equals_xla(shape):
+    """The splash kernel (interpreted on CPU) gives XLA's loss and gradients, on one device
+    and in its shard_map over batch and head shards."""
+    assert_attention_equals_xla("splash", 128, shape)  # the kernel's blocks: multiples of 128
+
+
+def test_default_attention_is_auto_and_einsum_on_cpu():
     cfg = get_config("swiglu,size=gpu").model  # bf16: would be cuDNN on an NVIDIA GPU
     assert cfg.attention == "auto"
-    assert attention_impl(cfg.attention, jnp.bfloat16, cfg.d_model // cfg.n_heads) == "xla"
+    assert attention_impl(cfg.attention, jnp.bfloat16, cfg.d_model // cfg.n_heads) == "einsum"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_einsum_attention_equals_xla(kv_heads, dtype):
+    """The einsum attention and its hand-written backward give XLA's outputs and input
+    gradients (the backward against autodiff of jax.nn.dot_product_attention)."""
+    b, t, n, h = 2, 12, 4, 8
+    key_q, key_k, key_v, key_w = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(key_q, (b, t, n, h)).astype(dtype)
+    k = jax.random.normal(key_k, (b, t, kv_heads, h)).astype(dtype)
+    v = jax.random.normal(key_v, (b, t, kv_heads, h)).astype(dtype)
+    w = jax.random.normal(key_w, (b, t, n, h))  # a cotangent that is not all ones
+
+    def xla(q, k, v):
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        return jnp.sum(o.astype(jnp.float32) * w)
+
+    def einsum(q, k, v):
+        return jnp.sum(einsum_attention(q, k, v).astype(jnp.float32) * w)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
+    out, ref = einsum_attention(q, k, v), jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == dtype and out.shape == (b, t, n, h)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), **tol)
+    grads = jax.grad(einsum, (0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, jax.grad(xla, (0, 1, 2))(q, k, v), strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g.astype(jnp.float32), g_ref.astype(jnp.float32), **tol)
+
+
+@pytest.mark.parametrize("shape", [None, dict(data=2, fsdp=2, tensor=2)])
+def test_einsum_attention_lm_equals_xla(shape):
+    """An LM with the einsum attention has the XLA-attention LM's loss and gradients, on one
+    device and sharded over batch and heads."""
+    assert_attention_equals_xla("einsum", 16, shape)
