@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from ffn_jax import data
 from ffn_jax.data import pipeline, shakespeare, shards
 from ffn_jax.data.corpora import text_corpus
+from ffn_jax.data.loader import BatchReader
 from ffn_jax.data.tokenizer import EOT_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -408,6 +409,19 @@ def test_train_iterator_windows_are_seeded(tmp_path):
         assert (np.diff(batch, axis=1) == 1).all()  # each row is a contiguous window
     starts = {int(r[0]) for batch in a for r in batch}
     assert len(starts) == 20  # no repeats within an epoch
+
+
+def test_train_iterator_reads_what_grains_iterator_yields(tmp_path):
+    """The in-thread reader yields the batches of grain's own iterator over its dataset, in
+    order, across epochs, from a start index too."""
+    shard = arange_shard(tmp_path / "t.bin", 300)
+    kw = dict(seq_len=16, global_batch=8, seed=3)
+    for start in (0, 5):
+        reader = data.train_iterator(shard, start=start, **kw)
+        assert isinstance(reader, BatchReader)
+        grains = iter(reader.dataset[start:].to_iter_dataset())
+        for got, want in zip(take(reader, 45), take(grains, 45), strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_train_iterator_exact_resume(tmp_path):

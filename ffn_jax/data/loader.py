@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grain
 import jax
@@ -78,7 +78,7 @@ def train_iterator(
     process_count: int | None = None,
     num_workers: int = 0,
     start: int = 0,
-) -> grain.DatasetIterator:
+) -> grain.DatasetIterator | BatchReader:
     """An infinite, seeded iterator of this process's rows of each training batch, from
     global batch ``start`` on.
 
@@ -86,9 +86,9 @@ def train_iterator(
     only on the seed, the global batch size and ``k``, so a run resumed at step ``k``
     continues exactly with ``start=k``, on any number of processes (the checkpoint needs no
     iterator state). The iterator also has ``get_state()`` / ``set_state()``.
-    ``num_workers > 0`` reads
-    in that many grain worker processes (outside ``absl.app.run`` call
-    ``absl.flags.FLAGS.mark_as_parsed()`` first).
+    ``num_workers=0`` reads each batch when asked, in the calling thread
+    (:class:`BatchReader`); ``num_workers > 0`` reads ahead in that many grain worker
+    processes (outside ``absl.app.run`` call ``absl.flags.FLAGS.mark_as_parsed()`` first).
     """
     pi, pc, rows = process_rows(global_batch, process_index, process_count, "global_batch")
     if seq_len <= 0:
@@ -103,12 +103,42 @@ def train_iterator(
     ds = grain.MapDataset.source(source)  # pyright: ignore[reportArgumentType]
     ds = ds.seed(seed).shuffle().repeat()
     ds = ds.batch(rows, drop_remainder=True)[pi::pc]
+    if num_workers == 0:
+        return BatchReader(ds, start)
     if start:
         ds = ds[start:]
     it_ds = ds.to_iter_dataset()
-    if num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it_ds)
+
+
+class BatchReader:
+    """Iterator over a random-access dataset of batches from index ``start``, each batch
+    read in the calling thread when it is asked for.
+
+    For in-memory token windows a batch takes about a millisecond of host time, which the
+    training loop overlaps with the running step (async dispatch). Grain's threaded
+    iterator (16 threads, 500 batches ahead) took about 3x the CPU per batch and filled its
+    buffer during the first steps of a run, slowing them on a 2-core machine (docs/perf.md).
+    ``get_state()`` / ``set_state()`` hold the next index.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, start: int = 0):
+        self.dataset, self._next = dataset, start
+
+    def __iter__(self) -> BatchReader:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        batch = cast(np.ndarray, self.dataset[self._next])  # None only for filtered elements
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._next = int(state["next_index"])
 
 
 def batch_block(
