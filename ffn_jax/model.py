@@ -60,8 +60,9 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
     ``"auto"`` picks a fused (flash) kernel where one applies: on TPU, the Pallas splash
     kernel (``ffn_jax.splash``); on an NVIDIA GPU, cuDNN's, given a bfloat16/float16 compute
     dtype and a head dim that is a multiple of 8 and at most 128. Otherwise the scores
-    ``(b, n, t, t)`` are materialised: on CPU by ``ffn_jax.einsum_attention`` (einsums and a
-    hand-written backward, faster there), elsewhere by XLA's. (JAX's own
+    ``(b, n, t, t)`` are materialised, by ``ffn_jax.einsum_attention`` (einsums and a
+    hand-written backward), which was faster than XLA's ``jax.nn.dot_product_attention``
+    on CPU and, where cuDNN's is not used, on an H200 (docs/perf.md). (JAX's own
     ``implementation=None`` always means XLA.) ``"xla"``/``"einsum"``/``"cudnn"``/``"splash"``
     force one; cuDNN raises at trace time where it does not apply, and splash runs
     interpreted (slowly) off TPU.
@@ -71,8 +72,6 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
     device = jax.devices()[0]
     if device.platform == "tpu":
         return "splash"
-    if device.platform == "cpu":
-        return "einsum"
     fused = (
         device.platform == "gpu"
         and device.device_kind.startswith("NVIDIA")
@@ -80,7 +79,7 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
         and head_dim % 8 == 0
         and head_dim <= 128
     )
-    return "cudnn" if fused else "xla"
+    return "cudnn" if fused else "einsum"
 
 
 class Norm(nnx.Module):

@@ -287,10 +287,10 @@ GPUS = {
     [
         ("h100", jnp.bfloat16, 64, "cudnn"),
         ("h100", jnp.float16, 128, "cudnn"),
-        ("h100", jnp.float32, 64, "xla"),  # cuDNN's fused attention is bf16/fp16 only
-        ("h100", jnp.bfloat16, 12, "xla"),  # head dim not a multiple of 8
-        ("h100", jnp.bfloat16, 192, "xla"),  # above 128
-        ("amd", jnp.bfloat16, 64, "xla"),  # no cuDNN
+        ("h100", jnp.float32, 64, "einsum"),  # cuDNN's fused attention is bf16/fp16 only
+        ("h100", jnp.bfloat16, 12, "einsum"),  # head dim not a multiple of 8
+        ("h100", jnp.bfloat16, 192, "einsum"),  # above 128
+        ("amd", jnp.bfloat16, 64, "einsum"),  # no cuDNN
         ("tpu", jnp.bfloat16, 64, "splash"),  # Pallas splash attention on TPU
         ("tpu", jnp.float32, 12, "splash"),
         ("cpu", jnp.float32, 32, "einsum"),  # scores materialised, backward by hand
