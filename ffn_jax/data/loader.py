@@ -116,11 +116,10 @@ class BatchReader:
     """Iterator over a random-access dataset of batches from index ``start``, each batch
     read in the calling thread when it is asked for.
 
-    For in-memory token windows a batch takes about a millisecond of host time, which the
-    training loop overlaps with the running step (async dispatch). Grain's threaded
-    iterator (16 threads, 500 batches ahead) took about 3x the CPU per batch and filled its
-    buffer during the first steps of a run, slowing them on a 2-core machine (docs/perf.md).
-    ``get_state()`` / ``set_state()`` hold the next index.
+    Reading in-memory token windows is cheap, and the training loop overlaps it with the
+    running step (async dispatch); grain's threaded iterator costs more CPU per batch and
+    competes with XLA for the cores while it fills its read-ahead buffer (measured in
+    docs/perf.md). ``get_state()`` / ``set_state()`` hold the next index.
     """
 
     def __init__(self, dataset: grain.MapDataset, start: int = 0):
